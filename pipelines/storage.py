@@ -1,0 +1,136 @@
+"""Local paths and object-storage URIs behind one API, with atomic writes.
+
+Paths may be local ("data/clean") or URIs ("s3://bucket/prefix"); S3 endpoint
+and credentials come from the standard AWS_* environment variables. Local
+writes go to a temporary name in the same folder and are renamed into place,
+so a killed stage never leaves a half-written file; an S3 PUT is atomic by
+itself (the object appears only when the upload completes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """Return (file system, path inside it) for a local path or a URI."""
+    path = str(path)
+    if path.startswith("s3://"):
+        return _s3(), path[len("s3://"):].rstrip("/")
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _s3() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return pafs.S3FileSystem(region=region, allow_bucket_creation=True, **kwargs)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base).rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    fs.create_dir(p, recursive=True)
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Sorted files under ``path`` (recursive) ending in ``suffix``, as the same kind of path."""
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [str(path)] if str(path).endswith(suffix) else []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    rels = sorted(
+        i.path[len(p):].lstrip("/") for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        and not os.path.basename(i.path).startswith(".")
+    )
+    return [join(str(path), r) for r in rels]
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp name + rename locally)."""
+    fs, p = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        return
+    fs.create_dir(os.path.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def write_json(path: str, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path))
+
+
+def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> bytes:
+    """Write ``table`` atomically as Parquet; returns the file's bytes (for hashing).
+
+    Written to memory first so the bytes are deterministic for the same table
+    and can be hashed without reading the file back.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression, write_statistics=True)
+    data = sink.getvalue().to_pybytes()
+    write_bytes(path, data)
+    return data
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = filesystem(path)
+    return pq.read_table(p, filesystem=fs, columns=columns)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
