@@ -27,3 +27,21 @@ def ray_local():
         return
     with ray_session(RayConfig(num_cpus=4)) as r:
         yield r
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A real S3-compatible server on loopback; sets the AWS_* variables while it runs."""
+    from tests.s3_server import s3_server
+
+    with s3_server(bucket="beit3") as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
