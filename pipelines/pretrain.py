@@ -1,10 +1,263 @@
-"""pretrain stage: Ray Train V2 TorchTrainer driver for BEiT-3 masked data modeling."""
+"""pretrain stage: Ray Train V2 TorchTrainer driver for BEiT-3 masked data modeling.
+
+The driver indexes the shards, names the run after everything that shapes the
+training trajectory, runs ``pipelines.train_loop.train_worker`` on N workers
+and exports the final checkpoint. Resuming is Ray Train V2's: the same
+``RunConfig(name, storage_path)`` finds the run's checkpoints and the workers
+pick the latest up with ``ray.train.get_checkpoint()``; the data order is a
+function of the step (pipelines.pretrain_data), so a resumed run continues at
+the exact next sample and repeats the uninterrupted run's loss curve.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from model.task import MaskingConfig
+from pipelines import storage
+from pipelines.configs import check, to_dict
+from pipelines.pretrain_data import ShardIndex, absolute, read_manifest, split_index
+from pipelines.pretrain_model import export_from_checkpoint, task_spec
+from pipelines.ray_session import RayConfig, ray_session
+from pipelines.schema import MODALITIES
+from pipelines.train_loop import CSV_FIELDS, csv_text, read_csv
+
+# Fields that change how a run executes but not what it computes: a run
+# interrupted under one value resumes under another (e.g. more workers).
+RUNTIME_FIELDS = frozenset({
+    "out_dir", "checkpoint_dir", "plots_path", "keep_checkpoints", "num_workers", "use_gpu",
+    "cpus_per_worker", "threads_per_worker", "strategy", "compile", "activation_checkpointing",
+    "checkpoint_every", "log_every", "log_samples",
+})
+
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The backbone: ``model.config.beit3_preset(preset, variant, **overrides)``."""
+
+    preset: str = "tiny"
+    variant: Literal["released", "paper"] = "released"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # codebook size of the visual tokenizer; null = read it from the shard manifest
+    visual_vocab_size: int | None = None
+
+    def __post_init__(self):
+        check(self.visual_vocab_size is None or self.visual_vocab_size >= 2,
+              "pretrain.model.visual_vocab_size: must be >= 2 or null")
+
+
+@dataclass(frozen=True)
+class BatchMix:
+    """Global samples per step of each modality (the paper: equal thirds)."""
+
+    text: int = 32
+    image: int = 32
+    pair: int = 32
+
+    def __post_init__(self):
+        for m in MODALITIES:
+            check(getattr(self, m) >= 0, f"pretrain.batch.{m}: must be >= 0")
+        check(self.total > 0, "pretrain.batch: at least one modality needs samples")
+
+    @property
+    def total(self) -> int:
+        return self.text + self.image + self.pair
+
+    def as_dict(self) -> dict[str, int]:
+        return {m: getattr(self, m) for m in MODALITIES}
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     out_dir: str = "models/pretrain"
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak lr at lr_reference_batch; scaled linearly with the global batch
+    model: ModelParams = ModelParams()
+    steps: int = 800
+    batch: BatchMix = BatchMix()
+    lr_reference_batch: int = 6144  # the paper: lr 1e-3 at batch 6144
+    warmup_steps: int = 10000
+    min_lr: float = 1e-5  # end of the cosine decay
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 3.0  # max global grad norm; 0 = off
+    drop_path: float = 0.1
+    masking: MaskingConfig = MaskingConfig()
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on small machines, so Ray never deadlocks
+    threads_per_worker: int | None = None  # torch threads; null = cores / workers
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    bf16: bool = True  # autocast on GPU (CPU runs stay float32)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 100
+    checkpoint_dir: str = "checkpoints/pretrain"  # Ray Train storage_path
+    keep_checkpoints: int = 2
+    plots_path: str = "plots/pretrain.csv"
+    log_every: int = 10
+    log_samples: bool = False  # record every step's sample ids (audits, resume tests)
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.lr > 0, "pretrain.lr: must be > 0")
+        check(self.steps >= 1, "pretrain.steps: must be >= 1")
+        check(self.lr_reference_batch >= 1, "pretrain.lr_reference_batch: must be >= 1")
+        check(0 <= self.warmup_steps, "pretrain.warmup_steps: must be >= 0")
+        check(0 <= self.min_lr <= self.lr, "pretrain.min_lr: must be in [0, lr]")
+        check(self.weight_decay >= 0, "pretrain.weight_decay: must be >= 0")
+        check(all(0 <= b < 1 for b in self.betas), "pretrain.betas: each must be in [0, 1)")
+        check(self.eps > 0, "pretrain.eps: must be > 0")
+        check(self.grad_clip >= 0, "pretrain.grad_clip: must be >= 0 (0 = off)")
+        check(0 <= self.drop_path < 1, "pretrain.drop_path: must be in [0, 1)")
+        check(self.num_workers >= 1, "pretrain.num_workers: must be >= 1")
+        check(self.cpus_per_worker > 0, "pretrain.cpus_per_worker: must be > 0")
+        check(self.threads_per_worker is None or self.threads_per_worker >= 1,
+              "pretrain.threads_per_worker: must be >= 1 or null")
+        check(self.checkpoint_every >= 1, "pretrain.checkpoint_every: must be >= 1")
+        check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints: must be >= 1")
+        check(self.log_every >= 1, "pretrain.log_every: must be >= 1")
+        for m, n in self.batch.as_dict().items():
+            check(n % self.num_workers == 0,
+                  f"pretrain.batch.{m}: {n} is not divisible by pretrain.num_workers={self.num_workers}")
+
+    @property
+    def peak_lr(self) -> float:
+        """lr scaled linearly with the global batch (Goyal et al.)."""
+        return self.lr * self.batch.total / self.lr_reference_batch
+
+    def run_name(self, index: ShardIndex, text_tokenizer_sha: str) -> str:
+        """Names the run after what determines its trajectory, so a changed lr starts a new
+        run while an interrupted identical one resumes."""
+        identity = {k: v for k, v in to_dict(self).items() if k not in RUNTIME_FIELDS}
+        text = json.dumps([identity, index.digest(), text_tokenizer_sha], sort_keys=True)
+        return "pretrain-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_pretraining(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: str,
+                    ray_cfg: RayConfig) -> dict:
+    """Train (or resume) on the train shards; export to cfg.out_dir; write cfg.plots_path."""
+    started = time.time()
+    job = make_job(cfg, shards_dir, text_tokenizer_dir)
+    name = job["run_name"]
+    with ray_session(ray_cfg):
+        result = _fit(cfg, job, name)
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining run {name} ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads(open(os.path.join(ckpt, "state.json")).read())
+        rows = read_csv(os.path.join(ckpt, "metrics.csv"))
+        export_model(ckpt, cfg.out_dir, cfg.log_samples)
+    write_csv(cfg.plots_path, rows)
+    return summary(cfg, name, state, rows, time.time() - started)
+
+
+def make_job(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: str) -> dict:
+    """Everything the workers need, checked before any worker starts."""
+    from model.text_tokenizer import TextTokenizer
+
+    shards_dir = absolute(shards_dir)
+    manifest = read_manifest(shards_dir)
+    index = split_index(shards_dir, "train", manifest)
+    tokenizer = TextTokenizer(text_tokenizer_dir)
+    visual = manifest_visual_info(manifest)
+    vocab = cfg.model.visual_vocab_size or visual.get("n_codes")
+    if not vocab:
+        raise ValueError(f"{shards_dir}/manifest.json names no visual codebook size "
+                         "(tokenizers.visual.n_codes); set pretrain.model.visual_vocab_size")
+    job = {"cfg": cfg, "index": index, "run_name": cfg.run_name(index, tokenizer.sha256),
+           "text": {"vocab_size": tokenizer.vocab_size, **tokenizer.special_ids},
+           "visual_vocab_size": int(vocab)}
+    text_sha = ((manifest.get("tokenizers") or {}).get("text") or {}).get("sha256")
+    if text_sha and text_sha != tokenizer.sha256:
+        raise ValueError(f"the shards were tokenized with another text tokenizer than {text_tokenizer_dir} "
+                         f"(sha256 {text_sha[:12]} vs {tokenizer.sha256[:12]})")
+    backbone = task_spec(cfg, job["text"], job["visual_vocab_size"])["backbone"]
+    for key in ("image_size", "patch_size"):
+        if visual.get(key) and visual[key] != backbone[key]:
+            raise ValueError(f"the shards' visual tokens are for {key} {visual[key]} but the "
+                             f"{cfg.model.preset} model has {backbone[key]}; set pretrain.model.overrides.{key}")
+    return job
+
+
+def manifest_visual_info(manifest: dict) -> dict:
+    """The visual tokenizer's facts recorded in the manifest (n_codes, image_size), if any."""
+    return dict((manifest.get("tokenizers") or {}).get("visual") or {})
+
+
+def _fit(cfg: PretrainConfig, job: dict, name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train_loop import train_worker
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=absolute(cfg.checkpoint_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    return trainer.fit()
+
+
+def export_model(ckpt_dir: str, out_dir: str, with_samples: bool) -> None:
+    """Checkpoint -> out_dir: backbone safetensors + config, heads, and the official layout.
+
+    Written to a sibling temp folder and swapped in, so out_dir is never half-written.
+    """
+    out = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out))
+    try:
+        export_from_checkpoint(ckpt_dir, tmp)
+        if with_samples:
+            shutil.copy2(os.path.join(ckpt_dir, "samples.jsonl"), os.path.join(tmp, "samples.jsonl"))
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    storage.write_bytes(path, csv_text(rows).encode())
+
+
+def summary(cfg: PretrainConfig, name: str, state: dict, rows: list[dict], wall_s: float) -> dict:
+    """metrics/pretrain.json: the final losses/accuracies and the throughput."""
+    tail = rows[-min(len(rows), 20):]
+    mean = lambda key: (sum(r[key] for r in tail if r.get(key) is not None)  # noqa: E731
+                        / max(1, sum(r.get(key) is not None for r in tail)))
+    return {
+        "run_name": name,
+        "steps": int(state["step"]),
+        "resumed_from_step": int(state.get("resumed_from_step", 0)),
+        "global_batch": cfg.batch.as_dict(),
+        "peak_lr": cfg.peak_lr,
+        "final": {k: round(mean(k), 4) for k in CSV_FIELDS if k.startswith(("loss", "acc"))},
+        "steps_per_s": round(mean("samples_per_s") / cfg.batch.total, 3),
+        "samples_per_s": round(mean("samples_per_s"), 2),
+        "tokens_per_s": round(mean("tokens_per_s"), 1),
+        "train_time_s": round(rows[-1]["elapsed_s"], 1) if rows else 0.0,
+        "stage_wall_s": round(wall_s, 1),
+        "num_workers": cfg.num_workers,
+        "model": dataclasses.asdict(cfg.model),
+    }

@@ -1,16 +1,50 @@
-"""Source declarations (params.yaml ``sources``) and readers for every format."""
+"""Source declarations (params.yaml ``sources``) and readers for every format.
+
+A source is split into *units* (one file, one tar, or a chunk of image files)
+so Ray can read them in parallel; :func:`read_unit` turns one unit into
+:class:`Record` s, one per input row. Rows that cannot be read (malformed JSON,
+a missing image, a tar member named ``../x``) come out as records carrying a
+:class:`~pipelines.rejects.Reject`, so they are counted and written to the
+rejected output instead of disappearing.
+
+Confinement: nothing outside a source's declared path is ever read. JSONL image
+paths and tar member names that are absolute or contain ``..`` are rejected
+(``path_escape``) by name, before any file system call, and local files reached
+through a symlink that leaves the declared folder are rejected too. Tar
+members are read from the archive stream, never extracted to disk.
+
+Memory: readers stream. Lines are read in 1 MiB chunks and an over-long line is
+skipped without being held (``line_too_long``); Parquet is read batch by
+batch; tars are read member by member (img2dataset writes a key's files next
+to each other, and that adjacency is what groups them, as in WebDataset).
+"""
 from __future__ import annotations
 
+import json
+import os
+import posixpath
+import re
+import tarfile
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines import storage
 from pipelines.configs import check
+from pipelines.rejects import Reject
 
 FORMATS = {
     "text": ("txt", "jsonl", "parquet"),
     "image": ("folder", "parquet", "webdataset"),
     "pair": ("jsonl", "parquet", "webdataset"),
 }
+SUFFIXES = {"txt": ".txt", "jsonl": ".jsonl", "parquet": ".parquet", "webdataset": ".tar", "folder": ""}
+FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's output formats, in preference order
+CHUNK_BYTES = 1 << 20
+PARQUET_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -27,3 +61,330 @@ class SourceConfig:
             f"sources.{self.name}.format: {self.format!r} is not a {self.kind} format; "
             f"choose one of {list(FORMATS[self.kind])}",
         )
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    max_file_bytes: int   # larger files / tar members are rejected unread
+    max_line_bytes: int   # longer txt/JSONL lines are rejected unread
+
+
+@dataclass
+class Record:
+    """One input row: ``text`` (a document or a caption; bytes if undecoded), ``image`` bytes,
+    or ``reject`` when it could not be read. ``raw`` feeds the id of a rejected row."""
+    location: str
+    text: str | bytes | None = None
+    image: bytes | None = None
+    reject: Reject | None = None
+    raw: bytes = b""
+
+
+def plan_units(source: SourceConfig, files_per_unit: int) -> list[tuple[str, ...]]:
+    """Split a source into units of files; raises FileNotFoundError if its path is absent."""
+    if not storage.exists(source.path):
+        raise FileNotFoundError(f"sources.{source.name}.path: {source.path!r} does not exist")
+    files = storage.list_files(source.path, SUFFIXES[source.format])
+    if source.format != "folder":
+        return [(f,) for f in files]
+    return [tuple(files[i:i + files_per_unit]) for i in range(0, len(files), files_per_unit)]
+
+
+def read_unit(source: SourceConfig, files: tuple[str, ...], limits: ReadLimits) -> Iterator[Record]:
+    """Every row of one unit, in file order."""
+    reader = READERS[(source.kind, source.format)]
+    for path in files:
+        yield from reader(source, path, limits)
+
+
+# ---------------------------------------------------------------- confinement
+
+def _root(source: SourceConfig) -> str:
+    fs, p = storage.filesystem(source.path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        return posixpath.dirname(str(source.path).rstrip("/"))
+    return str(source.path)
+
+
+def escapes(name: str) -> str | None:
+    """Why a relative name (JSONL image path, tar member) would leave its folder, or None."""
+    if not name:
+        return "empty name"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) or "://" in name:
+        return f"absolute name {name!r}"
+    if ".." in re.split(r"[\\/]+", name):
+        return f"name {name!r} climbs out with '..'"
+    return None
+
+
+def _confine(source: SourceConfig, path: str) -> None:
+    """Reject a local file whose real location (symlinks resolved) is outside the source."""
+    if storage.is_uri(path):
+        return
+    root = os.path.realpath(_root(source))
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + os.sep):
+        raise Reject("path_escape", f"{path} resolves to {real}, outside {root}")
+
+
+def _read_file(source: SourceConfig, path: str, limits: ReadLimits) -> bytes:
+    _confine(source, path)
+    fs, p = storage.filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise Reject("missing_file", f"{path} does not exist")
+    if info.type != pafs.FileType.File:
+        raise Reject("missing_file", f"{path} is not a file")
+    if info.size is not None and info.size > limits.max_file_bytes:
+        raise Reject("file_too_large", f"{info.size} bytes > max_file_mb")
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except OSError as err:
+        raise Reject("unreadable_file", str(err)) from err
+
+
+# ---------------------------------------------------------------- lines
+
+def iter_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based line number, bytes or None if longer than max_line_bytes, length) of non-blank lines."""
+    fs, p = storage.filesystem(path)
+    buf, overflow, lineno = bytearray(), 0, 0
+    with fs.open_input_stream(p) as f:
+        while chunk := f.read(CHUNK_BYTES):
+            start = 0
+            while True:
+                nl = chunk.find(b"\n", start)
+                piece = chunk[start:] if nl < 0 else chunk[start:nl]
+                if overflow or len(buf) + len(piece) > max_line_bytes:
+                    overflow += len(buf) + len(piece)
+                    buf.clear()
+                else:
+                    buf += piece
+                if nl < 0:
+                    break
+                lineno += 1
+                yield from _line(lineno, buf, overflow)
+                buf.clear()
+                overflow, start = 0, nl + 1
+    if buf or overflow:
+        yield from _line(lineno + 1, buf, overflow)
+
+
+def _line(lineno: int, buf: bytearray, overflow: int):
+    if overflow:
+        yield lineno, None, overflow
+    elif buf.strip():  # blank lines separate rows; they are not rows
+        line = bytes(buf).removesuffix(b"\r")
+        yield lineno, line, len(line)
+
+
+def _json_lines(path: str, limits: ReadLimits) -> Iterator[tuple[str, dict | Reject, bytes]]:
+    for lineno, line, length in iter_lines(path, limits.max_line_bytes):
+        where = f"{path}:{lineno}"
+        if line is None:
+            yield where, Reject("line_too_long", f"{length} bytes > max_line_bytes"), where.encode()
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            yield where, Reject("invalid_utf8", str(err)), line
+            continue
+        except json.JSONDecodeError as err:
+            yield where, Reject("malformed_json", str(err)), line
+            continue
+        if not isinstance(obj, dict):
+            yield where, Reject("malformed_json", f"a JSON {type(obj).__name__}, not an object"), line
+            continue
+        yield where, obj, line
+
+
+def _field(obj: dict, name: str, types: type | tuple) -> object:
+    if obj.get(name) is None:
+        raise Reject("missing_field", f"no {name!r} field")
+    if not isinstance(obj[name], types):
+        raise Reject("bad_field_type", f"{name!r} is a {type(obj[name]).__name__}")
+    return obj[name]
+
+
+# ---------------------------------------------------------------- text
+
+def _text_txt(source, path, limits):
+    for lineno, line, length in iter_lines(path, limits.max_line_bytes):
+        where = f"{path}:{lineno}"
+        if line is None:
+            yield Record(where, reject=Reject("line_too_long", f"{length} bytes > max_line_bytes"), raw=where.encode())
+        else:
+            yield Record(where, text=line, raw=line)
+
+
+def _text_jsonl(source, path, limits):
+    for where, obj, raw in _json_lines(path, limits):
+        try:
+            if isinstance(obj, Reject):
+                raise obj
+            yield Record(where, text=_field(obj, "text", str), raw=raw)
+        except Reject as rej:
+            yield Record(where, reject=rej, raw=raw)
+
+
+def _pair_jsonl(source, path, limits):
+    folder = posixpath.dirname(path)
+    for where, obj, raw in _json_lines(path, limits):
+        try:
+            if isinstance(obj, Reject):
+                raise obj
+            name = _field(obj, "image", str)
+            caption = _field(obj, "caption", str)
+            if why := escapes(name):
+                raise Reject("path_escape", why)
+            image = _read_file(source, storage.join(folder, name), limits)
+            yield Record(where, text=caption, image=image, raw=image)
+        except Reject as rej:
+            yield Record(where, reject=rej, raw=raw)
+
+
+# ---------------------------------------------------------------- parquet
+
+def _parquet_rows(source, path, columns, limits) -> Iterator[tuple[str, dict | Reject]]:
+    try:
+        _confine(source, path)
+        fs, p = storage.filesystem(path)
+        pfile = pq.ParquetFile(fs.open_input_file(p))
+        missing = [c for c in columns if c not in pfile.schema_arrow.names]
+        if missing:
+            raise Reject("missing_field", f"no column(s) {missing} in {pfile.schema_arrow.names}")
+        row = 0
+        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for values in batch.to_pylist():
+                yield f"{path}:row{row}", values
+                row += 1
+    except Reject as rej:
+        yield path, rej
+    except (OSError, ValueError) as err:  # not Parquet, truncated, corrupt pages
+        yield path, Reject("unreadable_file", f"{type(err).__name__}: {err}")
+
+
+def _image_value(value) -> bytes:
+    if isinstance(value, dict):  # Hugging Face `Image` feature: struct<bytes, path>
+        value = value.get("bytes")
+    if value is None:
+        raise Reject("missing_field", "no 'image' bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        raise Reject("bad_field_type", f"'image' is a {type(value).__name__}")
+    return bytes(value)
+
+
+def _parquet_reader(kind: str):
+    columns = {"text": ["text"], "image": ["image"], "pair": ["image", "caption"]}[kind]
+
+    def read(source, path, limits):
+        for where, values in _parquet_rows(source, path, columns, limits):
+            try:
+                if isinstance(values, Reject):
+                    raise values
+                text = image = None
+                if kind == "text":
+                    text = _field(values, "text", (str, bytes))
+                else:
+                    image = _image_value(values.get("image"))
+                if kind == "pair":
+                    text = _field(values, "caption", (str, bytes))
+                raw = image if image is not None else (text.encode("utf-8", "replace") if isinstance(text, str) else text)
+                yield Record(where, text=text, image=image, raw=raw)
+            except Reject as rej:
+                yield Record(where, reject=rej, raw=where.encode())
+    return read
+
+
+# ---------------------------------------------------------------- images in a folder
+
+def _image_folder(source, path, limits):
+    try:
+        if not path.lower().endswith(FOLDER_IMAGE_EXTS):
+            raise Reject("unsupported_extension", f"{posixpath.basename(path)} is not one of {FOLDER_IMAGE_EXTS}")
+        data = _read_file(source, path, limits)
+        yield Record(path, image=data, raw=data)
+    except Reject as rej:
+        yield Record(path, reject=rej, raw=path.encode())
+
+
+# ---------------------------------------------------------------- webdataset
+
+def _tar_members(path: str, limits: ReadLimits) -> Iterator[tuple[str, bytes | Reject]]:
+    """(member name, bytes) of the regular files of a tar, or (name, Reject) for unsafe ones."""
+    fs, p = storage.filesystem(path)
+    seen = 0
+    try:
+        with fs.open_input_stream(p) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                seen += 1
+                if member.isdir():
+                    continue
+                if why := escapes(member.name):
+                    yield member.name, Reject("path_escape", f"tar member: {why}")
+                elif not member.isfile():
+                    yield member.name, Reject("unsafe_member", "tar member is a link or device, not a file")
+                elif member.size > limits.max_file_bytes:
+                    yield member.name, Reject("file_too_large", f"{member.size} bytes > max_file_mb")
+                else:
+                    yield member.name, tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        # Nothing readable at all: not a tar (or empty); otherwise it broke off part-way.
+        reason = "truncated_archive" if seen else "unreadable_file"
+        yield "", Reject(reason, f"{type(err).__name__}: {err}")
+
+
+def _wds_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = the path up to the first dot of the basename."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _webdataset_reader(kind: str):
+    def read(source, path, limits):
+        try:
+            _confine(source, path)
+        except Reject as rej:
+            yield Record(path, reject=rej, raw=path.encode())
+            return
+        key, group = None, {}
+        for name, data in _tar_members(path, limits):
+            if isinstance(data, Reject):
+                yield Record(f"{path}:{name}", reject=data, raw=f"{path}:{name}".encode())
+                continue
+            k, ext = _wds_key(name)
+            if k != key and group:
+                yield _wds_record(path, key, group, kind)
+                group = {}
+            key = k
+            group[ext] = data
+        if group:
+            yield _wds_record(path, key, group, kind)
+    return read
+
+
+def _wds_record(path: str, key: str, group: dict[str, bytes], kind: str) -> Record:
+    where = f"{path}:{key}"
+    image = next((group[e] for e in WDS_IMAGE_EXTS if e in group), None)
+    if image is None:
+        return Record(where, reject=Reject("missing_image", f"members {sorted(group)}"), raw=where.encode())
+    if kind == "pair" and "txt" not in group:
+        return Record(where, reject=Reject("missing_caption", f"members {sorted(group)}"), raw=image)
+    return Record(where, image=image, text=group.get("txt") if kind == "pair" else None, raw=image)
+
+
+READERS = {
+    ("text", "txt"): _text_txt,
+    ("text", "jsonl"): _text_jsonl,
+    ("text", "parquet"): _parquet_reader("text"),
+    ("image", "folder"): _image_folder,
+    ("image", "parquet"): _parquet_reader("image"),
+    ("image", "webdataset"): _webdataset_reader("image"),
+    ("pair", "jsonl"): _pair_jsonl,
+    ("pair", "parquet"): _parquet_reader("pair"),
+    ("pair", "webdataset"): _webdataset_reader("pair"),
+}
+
+__all__ = ["FORMATS", "SourceConfig", "ReadLimits", "Record", "plan_units", "read_unit", "iter_lines", "escapes"]

@@ -1,12 +1,256 @@
-"""tokenize stage: one Ray Data job running both tokenizers over the cleaned data."""
+"""tokenize stage: one Ray Data job running both tokenizers over the cleaned data.
+
+Each cleaned part ``clean_dir/{text,image,pair}/part-NNNNN.parquet`` becomes
+``out_dir/{kind}/part-NNNNN.parquet`` in SHARD_SCHEMA. The job's rows are the
+parts still to do; an actor pool (fractional CPUs, optional GPUs) loads the
+sentencepiece model and the VQ-KD model once per actor and tokenizes a whole
+part per call, in batches of ``batch_size`` images.
+
+- Texts: a document longer than ``max_text_tokens`` (with ``<s>``/``</s>``)
+  becomes consecutive chunks, each its own sample with id
+  sha256("<doc id>:<chunk index>"); a document that fits keeps its id.
+- Captions are truncated to ``max_caption_tokens`` (the official rule).
+- Images: the VQ-KD transform (resize, center crop) gives the exact view that
+  is tokenized; it is stored as PNG (fixed compression level, no metadata, so
+  the bytes are deterministic) with its codes as int16.
+
+Resume: a part is done when its output file exists (written atomically) and
+its Parquet metadata holds the fingerprint of (input part sha256, tokenizer
+hashes, output-relevant params); a rerun skips done parts and deletes outputs
+whose input part is gone. ``tokenizers.json`` (both tokenizers' hashes, read
+by pack for the manifest) is written beside the parts.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import time
 from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from model.text_tokenizer import TextTokenizer
+from pipelines import storage
+from pipelines.configs import check, to_dict
+from pipelines.ray_session import RayConfig, ray_session
+from pipelines.schema import MODALITIES, shard_table
+
+TOKENIZERS = "tokenizers.json"
+FINGERPRINT_KEY = b"beit3.tokenize.fingerprint"
+VISUAL_FILES = ("config.json", "model.safetensors")
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
     out_dir: str = "data/tokenized"
-    batch_size: int = 64
+    batch_size: int = 64                    # images per VQ-KD forward
     num_actors: int = 2
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0                   # per actor; > 0 runs VQ-KD on GPU actors
+    max_text_tokens: int = 256              # per text sample incl. <s> </s>; longer docs are chunked
+    max_caption_tokens: int = 64            # captions are truncated to this (incl. <s> </s>)
+    precision: Literal["fp32", "bf16"] = "fp32"  # VQ-KD encoder autocast (bf16: GPU speed)
+    png_compress_level: int = 6
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, "tokenize.batch_size: must be >= 1")
+        check(self.num_actors >= 1, "tokenize.num_actors: must be >= 1")
+        check(self.num_gpus >= 0, "tokenize.num_gpus: must be >= 0")
+        check(self.max_text_tokens >= 3, "tokenize.max_text_tokens: must be >= 3")
+        check(self.max_caption_tokens >= 3, "tokenize.max_caption_tokens: must be >= 3")
+        check(0 <= self.png_compress_level <= 9, "tokenize.png_compress_level: must be in [0, 9]")
+
+
+def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str,
+                    visual_tokenizer_dir: str, ray_cfg: RayConfig) -> dict:
+    """Tokenize every cleaned part not yet done into ``cfg.out_dir``; returns metrics."""
+    start = time.time()
+    tokenizers = tokenizer_info(text_tokenizer_dir, visual_tokenizer_dir)
+    base = json.dumps([tokenizers, to_dict(cfg) | {"out_dir": None, "num_actors": None}], sort_keys=True)
+    jobs, skipped, expected = [], 0, set()
+    for kind in MODALITIES:
+        for path in storage.list_files(storage.join(clean_dir, kind), ".parquet"):
+            out = storage.join(cfg.out_dir, kind, path.rsplit("/", 1)[-1])
+            expected.add(out)
+            fingerprint = storage.sha256(f"{base}\0{kind}\0{storage.sha256_file(path)}".encode())
+            if _fingerprint(out) == fingerprint:
+                skipped += 1
+            else:
+                jobs.append({"kind": kind, "path": path, "out": out, "fingerprint": fingerprint})
+    if not expected:
+        raise FileNotFoundError(f"{clean_dir}: no cleaned parts under text/, image/ or pair/")
+    _remove_stale(cfg.out_dir, expected)
+    stats = _run(cfg, ray_cfg, jobs, text_tokenizer_dir, visual_tokenizer_dir) if jobs else []
+    storage.write_json(storage.join(cfg.out_dir, TOKENIZERS), tokenizers)
+    metrics = {"parts": len(expected), "parts_done": len(jobs), "parts_skipped": skipped,
+               "seconds": round(time.time() - start, 2)}
+    for key in ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts",
+                "truncated_captions", "images"):
+        for kind in MODALITIES:
+            total = sum(s[key] for s in stats if s["kind"] == kind)
+            if total:
+                metrics[f"{kind}_{key}"] = total
+    images = sum(s["images"] for s in stats)
+    metrics["images_per_s"] = round(images / max(sum(s["seconds"] for s in stats), 1e-9), 1)
+    return metrics
+
+
+def tokenizer_info(text_tokenizer_dir: str, visual_tokenizer_dir: str) -> dict:
+    """Hashes and sizes of both tokenizers (recorded by pack in the shard manifest)."""
+    text = TextTokenizer(text_tokenizer_dir)
+    visual = storage.read_json(storage.join(visual_tokenizer_dir, "config.json"))
+    files = {name: storage.sha256_file(storage.join(visual_tokenizer_dir, name)) for name in VISUAL_FILES}
+    n_codes = visual["n_codes"]
+    if n_codes > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"{visual_tokenizer_dir}: {n_codes} codes do not fit the int16 visual_tokens column")
+    return {
+        "text": {"sha256": text.sha256, "vocab_size": text.vocab_size, "convention": text.convention,
+                 **text.special_ids},
+        "visual": {"sha256": storage.sha256(json.dumps(files, sort_keys=True).encode()), "files": files,
+                   "image_size": visual["image_size"], "patch_size": visual["patch_size"],
+                   "n_codes": n_codes},
+    }
+
+
+def _run(cfg: TokenizeConfig, ray_cfg: RayConfig, jobs: list[dict], text_dir: str, visual_dir: str) -> list[dict]:
+    with ray_session(ray_cfg) as ray:
+        ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+        ds = ds.map_batches(
+            PartTokenizer, batch_size=1,
+            fn_constructor_kwargs={"cfg": cfg, "text_dir": text_dir, "visual_dir": visual_dir,
+                                   "threads": max(1, int(ray_cfg.cpus_per_task))},
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(jobs))),
+            num_cpus=ray_cfg.cpus_per_task, num_gpus=cfg.num_gpus or None)
+        return ds.take_all()
+
+
+class PartTokenizer:
+    """Ray Data actor: both models loaded once; one cleaned part in, one tokenized part out."""
+
+    def __init__(self, cfg: TokenizeConfig, text_dir: str, visual_dir: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.text = TextTokenizer(text_dir)
+        self.visual_dir = visual_dir
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.vqkd = None  # loaded on the first image part: text-only actors never pay for it
+
+    def __call__(self, batch: dict) -> dict:
+        job = {k: str(batch[k][0]) for k in batch}
+        start = time.time()
+        if job["kind"] == "text":
+            rows, stats = self.texts(job["path"])
+        else:
+            rows, stats = self.images(job["path"], with_captions=job["kind"] == "pair")
+        table = shard_table(rows).replace_schema_metadata({FINGERPRINT_KEY: job["fingerprint"].encode()})
+        storage.write_parquet(table, job["out"])
+        stats = {"kind": job["kind"], "rows_out": table.num_rows, "text_tokens": 0, "chunked_docs": 0,
+                 "empty_texts": 0, "truncated_captions": 0, "images": 0, **stats,
+                 "seconds": time.time() - start}
+        return {k: [v] for k, v in stats.items()}
+
+    def texts(self, path: str) -> tuple[dict, dict]:
+        table = storage.read_parquet(path, columns=["id", "text", "source"])
+        ids, sources = table["id"].to_pylist(), table["source"].to_pylist()
+        rows = _empty_rows()
+        span = self.cfg.max_text_tokens - 2
+        chunked = empty = tokens = 0
+        for doc_id, source, body in zip(ids, sources, self.text.encode_bodies(table["text"].to_pylist())):
+            chunks = [body[i:i + span] for i in range(0, len(body), span)]
+            empty += not chunks
+            chunked += len(chunks) > 1
+            for k, chunk in enumerate(chunks):
+                sample_id = doc_id if len(chunks) == 1 else hashlib.sha256(f"{doc_id}:{k}".encode()).hexdigest()
+                _append(rows, sample_id, "text", self.text.wrap(chunk), None, None, source)
+                tokens += len(chunk) + 2
+        return rows, {"rows_in": len(ids), "chunked_docs": chunked, "empty_texts": empty, "text_tokens": tokens}
+
+    def images(self, path: str, with_captions: bool) -> tuple[dict, dict]:
+        columns = ["id", "image", "source"] + (["caption"] if with_captions else [])
+        table = storage.read_parquet(path, columns=columns)
+        rows, truncated, tokens = _empty_rows(), 0, 0
+        for start in range(0, table.num_rows, self.cfg.batch_size):
+            part = table.slice(start, self.cfg.batch_size).to_pydict()
+            pngs, codes = self.tokenize_images(part["image"], part["id"], path)
+            bodies = self.text.encode_bodies(part["caption"]) if with_captions else None
+            for i, (sample_id, source) in enumerate(zip(part["id"], part["source"])):
+                text_ids = None
+                if with_captions:
+                    body = bodies[i]
+                    text_ids = self.text.wrap(body, self.cfg.max_caption_tokens)
+                    truncated += len(body) + 2 > len(text_ids)
+                    tokens += len(text_ids)
+                _append(rows, sample_id, "pair" if with_captions else "image", text_ids, pngs[i], codes[i], source)
+        return rows, {"rows_in": table.num_rows, "images": table.num_rows,
+                      "truncated_captions": truncated, "text_tokens": tokens}
+
+    def tokenize_images(self, images: list[bytes], ids: list[str], path: str) -> tuple[list[bytes], np.ndarray]:
+        """Encoded images -> (PNG of each tokenized view, codes (B, N) int16)."""
+        import torch
+        from PIL import Image
+
+        from model.vqkd import VQKD, preprocess
+
+        if self.vqkd is None:
+            self.vqkd = VQKD.load(self.visual_dir).to(self.device)
+        size = self.vqkd.config.image_size
+        views = []
+        for data, sample_id in zip(images, ids):
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    x = preprocess(img, size)  # (3, S, S) in [0, 1]
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path}: image {sample_id} cannot be decoded ({err}); "
+                                 "the clean stage should have rejected it") from err
+            views.append(x.mul(255).round().clamp(0, 255).to(torch.uint8))  # exactly what PNG stores
+        pngs = [_png(v.permute(1, 2, 0).numpy(), self.cfg.png_compress_level) for v in views]
+        x = torch.stack(views).float().div(255)  # (B, 3, S, S), identical to decoding the PNGs
+        autocast = torch.bfloat16 if self.cfg.precision == "bf16" else None
+        codes = self.vqkd.codes(x.to(self.device), autocast_dtype=autocast)
+        return pngs, codes.cpu().numpy().astype(np.int16)
+
+
+def _png(pixels: np.ndarray, level: int) -> bytes:
+    """(S, S, 3) uint8 -> PNG bytes; same pixels and level always give the same bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=level, optimize=False)
+    return buf.getvalue()
+
+
+def _empty_rows() -> dict[str, list]:
+    return {k: [] for k in ("id", "modality", "text_ids", "image", "visual_tokens", "source")}
+
+
+def _append(rows: dict, sample_id, modality, text_ids, image, visual_tokens, source) -> None:
+    for key, value in zip(rows, (sample_id, modality, text_ids, image, visual_tokens, source)):
+        rows[key].append(value)
+
+
+def _fingerprint(path: str) -> str | None:
+    """The fingerprint stored in a finished output part, or None if there is none."""
+    if not storage.exists(path):
+        return None
+    fs, p = storage.filesystem(path)
+    try:
+        with fs.open_input_file(p) as f:
+            metadata = pq.read_schema(f).metadata or {}
+    except (OSError, ValueError):  # unreadable leftovers are redone
+        return None
+    return metadata.get(FINGERPRINT_KEY, b"").decode() or None
+
+
+def _remove_stale(out_dir: str, expected: set[str]) -> None:
+    """Delete outputs whose input part is gone and temp files of killed writes."""
+    for kind in MODALITIES:
+        for path in storage.list_files(storage.join(out_dir, kind)):
+            if path not in expected:
+                fs, p = storage.filesystem(path)
+                if fs.get_file_info(p).type == pafs.FileType.File:
+                    fs.delete_file(p)

@@ -1,12 +1,13 @@
 """dvc stage `clean`: load params once, run pipelines.clean, write metrics/clean.json."""
+from pipelines.clean import clean_sources
 from pipelines.metrics import write_metrics
 from pipelines.params import load_params
 
 
 def main() -> None:
     params = load_params()
-    raise NotImplementedError("stage clean is being built")  # replaced by the stage's owner
-    write_metrics("clean", {})
+    metrics = clean_sources(params.sources, params.clean, params.ray)
+    write_metrics("clean", metrics)
 
 
 if __name__ == "__main__":

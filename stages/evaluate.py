@@ -1,12 +1,14 @@
 """dvc stage `evaluate`: load params once, run pipelines.evaluate, write metrics/evaluate.json."""
+from pipelines.evaluate import evaluate_model
 from pipelines.metrics import write_metrics
 from pipelines.params import load_params
 
 
 def main() -> None:
     params = load_params()
-    raise NotImplementedError("stage evaluate is being built")  # replaced by the stage's owner
-    write_metrics("evaluate", {})
+    metrics = evaluate_model(params.evaluate, params.evaluate.model_dir, params.pack.out_dir,
+                             params.text_tokenizer.out_dir, params.ray)
+    write_metrics("evaluate", metrics)
 
 
 if __name__ == "__main__":

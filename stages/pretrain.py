@@ -1,12 +1,13 @@
 """dvc stage `pretrain`: load params once, run pipelines.pretrain, write metrics/pretrain.json."""
 from pipelines.metrics import write_metrics
 from pipelines.params import load_params
+from pipelines.pretrain import run_pretraining
 
 
 def main() -> None:
     params = load_params()
-    raise NotImplementedError("stage pretrain is being built")  # replaced by the stage's owner
-    write_metrics("pretrain", {})
+    metrics = run_pretraining(params.pretrain, params.pack.out_dir, params.text_tokenizer.out_dir, params.ray)
+    write_metrics("pretrain", metrics)
 
 
 if __name__ == "__main__":

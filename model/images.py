@@ -1,0 +1,30 @@
+"""Encoded image bytes -> the backbone's input tensor.
+
+Shard images are stored at the exact view the visual tokenizer saw (DESIGN §5), so there is
+no resizing here: decode, RGB, scale to [0, 1], then the official BEiT-3 normalisation
+(x - 0.5) / 0.5 (mean = std = 0.5 per channel), which maps to [-1, 1].
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_model_input(png_or_jpeg_bytes: bytes, image_size: int | None = None) -> torch.Tensor:
+    """Decode PNG/JPEG bytes -> FloatTensor (3, H, W) in [-1, 1].
+
+    image_size, when given, must equal both sides of the decoded image (a clear error
+    instead of a silently mis-shaped batch).
+    """
+    try:
+        with Image.open(io.BytesIO(png_or_jpeg_bytes)) as img:
+            rgb = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+    except (OSError, ValueError) as err:  # PIL raises UnidentifiedImageError (an OSError) on junk
+        raise ValueError(f"cannot decode image bytes ({len(png_or_jpeg_bytes)} bytes): {err}") from err
+    if image_size is not None and rgb.shape[:2] != (image_size, image_size):
+        raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, expected {image_size}x{image_size}")
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+    return x.sub_(0.5).div_(0.5)

@@ -1,0 +1,234 @@
+"""Teachers for VQ-KD training: what the decoder learns to reconstruct per patch.
+
+Every teacher is a frozen module with
+    ``teacher(x) -> (features (B, N, D), weights (B, N) or None)``
+for images x (B, 3, S, S) in [0, 1]; N is the tokenizer's patch grid (row-major)
+and ``teacher.dim`` is D. ``weights`` (optional) scale each patch's loss.
+
+- :class:`HOGTeacher` needs no weights at all (the demo default).
+- :class:`FrozenViTTeacher` loads a user-supplied ViT from a local path.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.vqkd import ViT, load_strict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class HOGTeacher(nn.Module):
+    """Colour-aware histogram of oriented gradients per patch, computed in torch.
+
+    Per RGB channel: central-difference gradients, unsigned orientation soft-binned
+    into ``bins`` bins, magnitudes summed over ``cells x cells`` cells of each patch.
+    The patch descriptor (3 * cells^2 * bins values) is l2-normalised *jointly* over
+    the three channels, so which channels carry an edge (i.e. its colours) survives.
+    The weight of a patch is its descriptor norm before normalisation: flat patches
+    (most of a simple scene's background) teach almost nothing and barely count.
+    """
+
+    def __init__(self, patch_size: int = 16, cells: int = 2, bins: int = 9, floor: float = 0.02):
+        super().__init__()
+        if patch_size % cells:
+            raise ValueError(f"HOGTeacher: patch_size {patch_size} not divisible by cells {cells}")
+        self.patch_size, self.cells, self.bins, self.floor = patch_size, cells, bins, floor
+        self.dim = 3 * cells * cells * bins
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, C, H, W = x.shape
+        if C != 3 or H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"HOGTeacher: expected (B, 3, H, W) with H, W multiples of "
+                             f"{self.patch_size}, got {tuple(x.shape)}")
+        hist = self._cell_histograms(x.float())  # (B, 3, bins, H/cell, W/cell)
+        c, gh, gw = self.cells, H // self.patch_size, W // self.patch_size
+        hist = hist.view(B, 3, self.bins, gh, c, gw, c).permute(0, 3, 5, 1, 4, 6, 2)
+        feats = hist.reshape(B, gh * gw, self.dim)  # (B, N, 3*c*c*bins)
+        norm = feats.norm(dim=-1)  # (B, N)
+        feats = feats / (norm.unsqueeze(-1) + 1e-6)
+        weights = norm + self.floor * norm.mean().clamp_min(1e-6)
+        return feats, weights
+
+    def _cell_histograms(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        nb, cell = self.bins, self.patch_size // self.cells
+        xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        gx = xp[:, :, 1:-1, 2:] - xp[:, :, 1:-1, :-2]  # central differences, (B, 3, H, W)
+        gy = xp[:, :, 2:, 1:-1] - xp[:, :, :-2, 1:-1]
+        mag = torch.sqrt(gx * gx + gy * gy)
+        pos = torch.remainder(torch.atan2(gy, gx), math.pi) * (nb / math.pi)  # unsigned, in [0, nb)
+        lo = pos.floor()
+        frac = pos - lo
+        lo = lo.long() % nb
+        # Soft-bin every pixel straight into its (image, channel, bin, cell) slot with
+        # bincount: ~3x cheaper on CPU than a (B, 3, bins, H, W) scatter or grouped conv.
+        ch, cw = H // cell, W // cell
+        rows = torch.arange(H, device=x.device).div(cell, rounding_mode="floor")
+        cols = torch.arange(W, device=x.device).div(cell, rounding_mode="floor")
+        cell_id = rows.view(H, 1) * cw + cols.view(1, W)  # (H, W)
+        base = torch.arange(B * 3, device=x.device).view(B, 3, 1, 1) * nb
+        size = B * 3 * nb * ch * cw
+        hist = torch.bincount(((base + lo) * (ch * cw) + cell_id).reshape(-1),
+                              (mag * (1 - frac)).reshape(-1), minlength=size)
+        hist += torch.bincount(((base + (lo + 1) % nb) * (ch * cw) + cell_id).reshape(-1),
+                               (mag * frac).reshape(-1), minlength=size)
+        return (hist / (cell * cell)).to(x.dtype).view(B, 3, nb, ch, cw)
+
+
+class FrozenViTTeacher(nn.Module):
+    """A frozen ViT whose patch tokens are the targets. Accepted files (local path):
+
+    1. A TorchScript archive (``torch.jit.save``; e.g. a scripted/traced wrapper around
+       CLIP or DINO). It is called on images resized to ``input_size`` and normalised
+       with ``mean``/``std`` and must return token features (B, T, D) - if T is a square
+       plus one, the first (cls) token is dropped - or a feature map (B, D, h, w).
+    2. A timm / DINO / DeiT style ViT state dict: ``.safetensors``, or a ``torch.load``
+       file (``weights_only=True``) holding the weights at the top level or under
+       'model', 'state_dict' or 'teacher' (DINO), with keys ``patch_embed.proj.*``,
+       ``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
+       mlp.fc1,mlp.fc2}.*`` and a final ``norm.*`` (a leading ``module.`` or
+       ``backbone.`` is stripped; classifier ``head.*`` keys ignored). Heads default to
+       dim / 64 (every ViT-S/B/L/H); LayerNorm eps 1e-6 (timm, DINO). The k part of
+       the fused qkv bias is dropped: it adds the same term to every key's logit, so
+       softmax ignores it and the output is unchanged.
+
+    Outputs are the final-normed patch tokens, bilinearly resampled to the tokenizer's
+    ``grid`` when the teacher's own patch grid differs.
+    """
+
+    def __init__(self, net: nn.Module, dim: int, grid: int, input_size: int,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net, self.dim, self.grid, self.input_size = net, dim, grid, input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_path(cls, path: str, grid: int, input_size: int | None = None, num_heads: int | None = None,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "FrozenViTTeacher":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+        if _is_torchscript(path):
+            net = torch.jit.load(path, map_location="cpu")
+            if input_size is None:
+                raise ValueError("a TorchScript teacher needs input_size (its expected image size)")
+            with torch.no_grad():
+                dim = _tokens_to_grid(net(torch.zeros(1, 3, input_size, input_size)), grid).shape[-1]
+            return cls(net, dim, grid, input_size, mean, std)
+        net = vit_from_timm_state(_read_state(path), num_heads=num_heads)
+        return cls(net, net.fc_norm.weight.shape[0], grid, input_size or net.image_size, mean, std)
+
+    def train(self, mode: bool = True):  # always frozen
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
+                              align_corners=False).clamp(0, 1)
+        out = self.net((x - self.mean) / self.std)
+        return _tokens_to_grid(out.float(), self.grid), None
+
+
+def vit_from_timm_state(state: dict[str, torch.Tensor], num_heads: int | None = None,
+                        eps: float = 1e-6) -> ViT:
+    """Build our BEiT-style ViT from a timm/DINO ViT state dict (see FrozenViTTeacher)."""
+    state = {_strip(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError("not a ViT state dict: needs patch_embed.proj.weight and pos_embed; "
+                         f"found e.g. {sorted(state)[:8]}")
+    proj = state["patch_embed.proj.weight"]
+    dim, patch = proj.shape[0], proj.shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    net = ViT(grid * patch, patch, proj.shape[1], dim, depth, num_heads or max(1, dim // 64),
+              mlp_ratio, eps)
+    converted = {}
+    for k, v in state.items():
+        if k.endswith("attn.qkv.bias"):
+            prefix = k[: -len("qkv.bias")]
+            converted[prefix + "q_bias"], _, converted[prefix + "v_bias"] = v.chunk(3)
+        elif k.startswith("norm."):
+            converted["fc_norm." + k[len("norm."):]] = v  # LN is per token: same on patch tokens
+        else:
+            converted[k] = v
+    load_strict(net, converted, source="ViT teacher")
+    return net
+
+
+def _tokens_to_grid(out: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, T, D) tokens or (B, D, h, w) map -> (B, grid*grid, D) patch features."""
+    if out.dim() == 4:
+        fmap = out
+    elif out.dim() == 3:
+        T = out.shape[1]
+        side = math.isqrt(T)
+        if side * side != T:
+            side = math.isqrt(T - 1)
+            if side * side != T - 1:
+                raise ValueError(f"teacher returned {T} tokens: neither a square grid nor one plus a square")
+            out = out[:, 1:]
+        fmap = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+    else:
+        raise ValueError(f"teacher output must be (B, T, D) or (B, D, h, w), got {tuple(out.shape)}")
+    if fmap.shape[-1] != grid or fmap.shape[-2] != grid:
+        fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False)
+    return fmap.flatten(2).transpose(1, 2)
+
+
+def _is_torchscript(path: str) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n.endswith("/code/__torch__.py") or "/code/" in n
+                   for n in z.namelist())
+
+
+def _read_state(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+            return raw[key]
+    if isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return raw
+    raise ValueError(f"{path}: no ViT weights found (top level, 'model', 'state_dict' or 'teacher')")
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "backbone."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def build_teacher(kind: str, grid: int, patch_size: int, checkpoint: str | None = None,
+                  input_size: int | None = None) -> nn.Module:
+    """``hog`` (no weights) or ``vit`` (``checkpoint`` = a local file, see FrozenViTTeacher)."""
+    if kind == "hog":
+        return HOGTeacher(patch_size=patch_size)
+    if kind == "vit":
+        if not checkpoint:
+            raise ValueError("teacher 'vit' needs a checkpoint path")
+        return FrozenViTTeacher.from_path(checkpoint, grid=grid, input_size=input_size)
+    raise ValueError(f"unknown teacher {kind!r}; choose 'hog' or 'vit'")
+
+
+__all__ = ["HOGTeacher", "FrozenViTTeacher", "vit_from_timm_state", "build_teacher",
+           "IMAGENET_MEAN", "IMAGENET_STD"]

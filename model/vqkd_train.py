@@ -1,0 +1,241 @@
+"""Training a VQ-KD tokenizer, and measuring what its codes carry.
+
+Recipe (BEiT v2 plus what made the tiny demo work, DESIGN §4/§7):
+- the decoder reconstructs frozen teacher features; loss = weighted mean of
+  1 - cos(decoded, teacher) + beta * |sg(z_q) - z|^2 (commitment);
+- straight-through estimator z + sg(z_q - z);
+- the codebook is not learned by SGD: rows are an EMA (decay 0.99) of the
+  l2-normalised mean of the vectors assigned to them, re-normalised (the
+  reference's NormEMAVectorQuantizer);
+- the first ``warmup_steps`` steps train encoder + decoder with no quantizer
+  (k-means at step 0 of a random encoder collapses every output to one code);
+  then cosine k-means on the current features initialises the codebook;
+- a code unused for ``dead_code_steps`` steps is restarted on a current vector,
+  preferring vectors far from their code (the usual EMA-size threshold never
+  fires in short runs).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from model.vqkd import VQKD
+
+
+@dataclass(frozen=True)
+class VQKDTrainConfig:
+    steps: int = 600
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    lr_warmup_steps: int = 20
+    warmup_steps: int = 100  # quantizer-free steps before k-means
+    kmeans_iters: int = 10
+    dead_code_steps: int = 20
+    beta: float = 1.0  # commitment weight (reference: 1.0)
+    decay: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.lr <= 0:
+            raise ValueError("VQKDTrainConfig: steps and lr must be > 0")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"VQKDTrainConfig: warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"VQKDTrainConfig: decay must be in (0, 1), got {self.decay}")
+        if self.dead_code_steps <= 0 or self.kmeans_iters <= 0:
+            raise ValueError("VQKDTrainConfig: dead_code_steps and kmeans_iters must be > 0")
+
+
+# ---------------------------------------------------------------- codebook maintenance
+
+def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Spherical k-means of l2-normalised samples (M, C) -> centres (k, C).
+
+    Seeds are drawn without replacement (with replacement only if M < k); an
+    empty cluster is re-seeded on the sample farthest from its centre.
+    """
+    M = samples.shape[0]
+    seeds = (torch.randperm(M, generator=generator)[:k] if M >= k
+             else torch.randint(0, M, (k,), generator=generator))
+    means = samples[seeds].clone()
+    for _ in range(iters):
+        sims = samples @ means.t()  # (M, k)
+        best, assign = sims.max(dim=1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(means).index_add_(0, assign, samples)
+        new = F.normalize(sums, dim=1)
+        empty = counts == 0
+        if empty.any():  # re-seed on the worst-served samples
+            worst = torch.argsort(best)[: int(empty.sum())]
+            new[empty] = samples[worst[: int(empty.sum())]]
+        means = new
+    return means
+
+
+@torch.no_grad()
+def init_codebook(model: VQKD, z: torch.Tensor, iters: int, generator: torch.Generator) -> None:
+    """k-means the flattened vectors z (M, C) into the codebook; mark it initted."""
+    emb = model.quantize.embedding
+    centres = kmeans_cosine(z, emb.weight.shape[0], iters, generator)
+    emb.weight.copy_(centres)
+    emb.embed_avg.copy_(centres)
+    counts = torch.bincount(model.quantize.nearest(z), minlength=emb.weight.shape[0]).float()
+    emb.cluster_size.copy_(counts)
+    model.quantize.cluster_size.copy_(counts)
+    emb.initted.fill_(1.0)
+
+
+@torch.no_grad()
+def ema_update(model: VQKD, z: torch.Tensor, idx: torch.Tensor, decay: float) -> torch.Tensor:
+    """Reference NormEMA step for vectors z (M, C) assigned to codes idx (M,); returns counts (K,)."""
+    q = model.quantize
+    weight = q.embedding.weight
+    bins = torch.bincount(idx, minlength=weight.shape[0]).to(z.dtype)
+    q.cluster_size.mul_(decay).add_(bins, alpha=1 - decay)
+    sums = torch.zeros_like(weight).index_add_(0, idx, z)
+    means = F.normalize(sums / bins.clamp_min(1).unsqueeze(1), dim=1)
+    means = torch.where((bins == 0).unsqueeze(1), weight, means)
+    weight.mul_(decay).add_(means, alpha=1 - decay)
+    weight.copy_(F.normalize(weight, dim=1))
+    return bins
+
+
+@torch.no_grad()
+def restart_dead_codes(model: VQKD, z: torch.Tensor, idx: torch.Tensor, dead: torch.Tensor,
+                       generator: torch.Generator) -> int:
+    """Move dead codes (bool (K,)) onto vectors of z (M, C), sampled by their distance to their code."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return 0
+    weight = model.quantize.embedding.weight
+    dist = (1 - (z * weight[idx]).sum(dim=1)).clamp_min(0) + 1e-6  # (M,)
+    n = min(n_dead, z.shape[0])
+    picks = torch.multinomial(dist, n, replacement=False, generator=generator)
+    rows = dead.nonzero().squeeze(1)[:n]
+    weight[rows] = z[picks]
+    model.quantize.embedding.embed_avg[rows] = z[picks]
+    return n
+
+
+# ---------------------------------------------------------------- metrics on codes
+
+def code_usage(codes: torch.Tensor, n_codes: int) -> dict[str, float]:
+    """Codes (any shape) -> fraction of the codebook used and perplexity (exp entropy)."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=n_codes).double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"utilisation": float((counts > 0).double().mean()), "perplexity": float(entropy.exp())}
+
+
+def code_histograms(codes: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """Codes (B, N) -> per-image normalised histograms (B, n_codes)."""
+    B, N = codes.shape
+    hist = torch.zeros(B, n_codes).scatter_add_(1, codes.long(), torch.ones(B, N))
+    return hist / N
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, steps: int = 300, weight_decay: float = 1e-3,
+                 seed: int = 0) -> float:
+    """Multinomial logistic regression on (standardised) features -> test accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    w = (torch.randn(xtr.shape[1], n_classes, generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, train_y) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((xte @ w + b).argmax(1) == test_y).float().mean())
+
+
+# ---------------------------------------------------------------- the loop
+
+def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor,
+                        weights: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, D) x2, optional (B, N) weights -> weighted mean of 1 - cos."""
+    per_patch = 1 - F.cosine_similarity(rec.float(), target.float(), dim=-1, eps=1e-6)
+    if weights is None:
+        return per_patch.mean()
+    return (per_patch * weights).sum() / weights.sum().clamp_min(1e-6)
+
+
+def train_vqkd(model: VQKD, teacher: torch.nn.Module, batches: Iterator[torch.Tensor],
+               cfg: VQKDTrainConfig,
+               on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``model`` in place on image batches (B, 3, S, S) in [0, 1]; returns per-step logs.
+
+    Each log: step, loss, rec_loss, commit_loss, lr, and after warm-up the batch's
+    ``utilisation`` (fraction of codes used), ``perplexity`` and ``restarted`` codes.
+    """
+    if getattr(teacher, "dim", model.config.out_dim) != model.config.out_dim:
+        raise ValueError(f"teacher dim {teacher.dim} != VQ-KD out_dim {model.config.out_dim}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    K = model.quantize.n_codes
+    last_used = torch.zeros(K, dtype=torch.long)
+    model.train()
+    logs, start = [], time.perf_counter()
+    for step in range(cfg.steps):
+        x = next(batches)
+        target, weights = teacher(x)
+        z = model.encode(x)  # (B, N, C)
+        B, N, C = z.shape
+        log = {"step": step, "lr": opt.param_groups[0]["lr"]}
+        if step < cfg.warmup_steps:
+            z_q, commit = z, z.new_zeros(())
+        else:
+            flat = z.detach().reshape(B * N, C)
+            if step == cfg.warmup_steps or not bool(model.quantize.embedding.initted):
+                init_codebook(model, flat, cfg.kmeans_iters, gen)
+                last_used.fill_(step)
+            idx = model.quantize.nearest(flat)
+            hard = model.quantize.embedding.weight[idx].view(B, N, C)  # before this step's EMA
+            bins = ema_update(model, flat, idx, cfg.decay)
+            last_used[bins > 0] = step
+            dead = (step - last_used) >= cfg.dead_code_steps
+            log["restarted"] = restart_dead_codes(model, flat, idx, dead, gen)
+            last_used[dead] = step
+            commit = cfg.beta * F.mse_loss(hard, z)
+            z_q = z + (hard - z).detach()  # straight-through
+            log.update(code_usage(idx, K))
+        rec_loss = reconstruction_loss(model.decode(z_q), target, weights)
+        loss = rec_loss + commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        log.update(loss=loss.item(), rec_loss=rec_loss.item(), commit_loss=commit.item(),
+                   seconds=time.perf_counter() - start)
+        logs.append(log)
+        if on_step is not None:
+            on_step(log)
+    model.eval()
+    return logs
+
+
+def _lr_factor(step: int, cfg: VQKDTrainConfig) -> float:
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+__all__ = ["VQKDTrainConfig", "train_vqkd", "kmeans_cosine", "init_codebook", "ema_update",
+           "restart_dead_codes", "code_usage", "code_histograms", "linear_probe",
+           "reconstruction_loss"]

@@ -1,0 +1,135 @@
+"""Image-text retrieval as BEiT-3's retrieval fine-tuning does it (unilm/beit3 BEiT3ForRetrieval).
+
+The whole model is fine-tuned with a symmetric contrastive (CLIP) loss over the
+cls states of separately encoded images and captions, projected by
+``vision_head`` / ``language_head`` (Linear D -> D, no bias) and scaled by
+``exp(logit_scale)``; then image->text and text->image recall@k on held-out pairs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.batch import pad_texts
+from model.beit3 import BEiT3
+from pipelines.pretrain_data import mix_seed
+from pipelines.train_loop import param_groups
+
+RECALL_AT = (1, 5, 10)
+
+
+class RetrievalModel(nn.Module):
+    """Backbone + the official retrieval heads (names as in unilm/beit3)."""
+
+    def __init__(self, backbone: BEiT3):
+        super().__init__()
+        dim = backbone.config.dim
+        self.beit3 = backbone
+        self.vision_head = nn.Linear(dim, dim, bias=False)
+        self.language_head = nn.Linear(dim, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        for head in (self.vision_head, self.language_head):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D), unit norm."""
+        return F.normalize(self.vision_head(self.beit3.encode(image=images)[:, 0]), dim=-1)
+
+    def embed_texts(self, ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids with <s> first -> (B, D), unit norm."""
+        hidden = self.beit3.encode(text=ids, text_padding_mask=padding_mask)
+        return F.normalize(self.language_head(hidden[:, 0]), dim=-1)
+
+    def contrastive_loss(self, images, ids, padding_mask) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch: image i matches caption i."""
+        img, txt = self.embed_images(images), self.embed_texts(ids, padding_mask)
+        logits = self.logit_scale.exp() * img @ txt.t()  # (B, B)
+        target = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+@dataclass(frozen=True)
+class RetrievalData:
+    images: torch.Tensor          # (N, 3, S, S) in [-1, 1]
+    captions: list[list[int]]     # token ids, <s> ... </s>
+    caption_image: torch.Tensor   # (C,) long: the image of each caption
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def finetune(model: RetrievalModel, data: RetrievalData, cfg, pad_id: int, seed: int, device) -> list[float]:
+    """cfg: RetrievalConfig. Each step: batch_size images (epoch-wise shuffled), one of each
+    image's captions at random. Returns the loss of every step."""
+    heads = [p for n, p in model.named_parameters() if not n.startswith("beit3.")]
+    groups = param_groups(model.beit3, cfg.weight_decay)
+    for g in groups:
+        g["lr_base"] = cfg.lr
+    groups.append({"params": heads, "weight_decay": 0.0, "lr_base": cfg.head_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(seed)
+    by_image = [[] for _ in range(len(data.images))]
+    for j, i in enumerate(data.caption_image.tolist()):
+        by_image[i].append(j)
+    order, losses = torch.empty(0, dtype=torch.long), []
+    model.train()
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            order = torch.cat([order, torch.randperm(len(data.images), generator=gen)])
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        picks = [by_image[i][int(torch.randint(len(by_image[i]), (1,), generator=gen))] for i in idx.tolist()]
+        ids, pad = pad_texts([data.captions[j] for j in picks], pad_id)
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr_base"] * _schedule(step, cfg.steps, cfg.warmup_steps)
+        torch.manual_seed(mix_seed(seed, step))  # drop path, if any
+        loss = model.contrastive_loss(data.images[idx].to(device), ids.to(device), pad.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@torch.no_grad()
+def recall(model: RetrievalModel, data: RetrievalData, pad_id: int, device, chunk: int = 128) -> dict:
+    """i2t: an image is a hit at k if any of its captions is in its top k;
+    t2i: a caption is a hit at k if its image is in its top k."""
+    model.eval()
+    img = torch.cat([model.embed_images(data.images[i:i + chunk].to(device)) for i in range(0, len(data.images), chunk)])
+    txt = []
+    for i in range(0, len(data.captions), chunk):
+        ids, pad = pad_texts(data.captions[i:i + chunk], pad_id)
+        txt.append(model.embed_texts(ids.to(device), pad.to(device)))
+    sims = img @ torch.cat(txt).t()                                   # (N_img, N_txt)
+    owner = data.caption_image.to(device)
+    out = {}
+    for k in RECALL_AT:
+        k_t = min(k, sims.shape[1])
+        top_txt = sims.topk(k_t, dim=1).indices                        # (N_img, k)
+        i2t = (owner[top_txt] == torch.arange(len(img), device=device)[:, None]).any(1)
+        top_img = sims.t().topk(min(k, sims.shape[0]), dim=1).indices  # (N_txt, k)
+        t2i = (top_img == owner[:, None]).any(1)
+        out[f"i2t_r{k}"] = round(float(i2t.float().mean()), 4)
+        out[f"t2i_r{k}"] = round(float(t2i.float().mean()), 4)
+    out["mean_r1"] = round((out["i2t_r1"] + out["t2i_r1"]) / 2, 4)
+    return out
+
+
+def evaluate_retrieval(backbone: BEiT3, train: RetrievalData, test: RetrievalData, cfg, pad_id: int,
+                       seed: int, device) -> dict:
+    """Fine-tune a fresh RetrievalModel around ``backbone`` (heads seeded by ``seed``), then recall."""
+    torch.manual_seed(seed)
+    model = RetrievalModel(backbone).to(device)
+    losses = finetune(model, train, cfg, pad_id, seed, device)
+    result = recall(model, test, pad_id, device)
+    tail = losses[-min(10, len(losses)):]
+    result["final_train_loss"] = round(sum(tail) / len(tail), 4)
+    return result

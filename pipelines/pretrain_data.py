@@ -1,0 +1,277 @@
+"""Deterministic, exactly resumable sample order over the packed shards.
+
+Why not Ray Data's ``get_dataset_shard``: its iterators are dynamically load
+balanced across workers and cannot start mid-epoch, so after a resume a run
+would either repeat or skip samples, and two workers would not see the samples
+one worker sees. Here the order is a pure function of (seed, modality, epoch,
+shard list), computed identically by every worker without communication:
+
+- each modality is its own endless stream over the rows of that modality;
+- epoch ``e`` of a stream visits the shards in a permutation drawn from
+  (seed, modality, e) and, inside each shard, its rows of that modality in a
+  permutation drawn from (seed, modality, e, shard index): a shard-blocked
+  shuffle that only ever needs one or two shards in memory, over shards that
+  ``pack`` already shuffled globally;
+- step ``t`` takes stream positions ``[t*B, (t+1)*B)`` (B = the modality's
+  global batch, epochs follow each other without gaps) and worker ``r`` of
+  ``W`` takes the r-th contiguous slice of B/W of them.
+
+So the state of the data after ``t`` steps is ``t`` itself: a resume from a
+checkpoint at step ``t`` continues at the exact next sample, and 1 worker and
+2 workers see the same samples in every global batch.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from model.batch import ImagePart, MixedBatch, collate_rows
+from model.masking import TextMask
+from model.task import PretrainMasks
+from pipelines import storage
+from pipelines.schema import MODALITIES
+
+ROW_COLUMNS = ["id", "modality", "text_ids", "image", "visual_tokens"]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The shard list of one split and how many rows of each modality every shard holds."""
+
+    paths: tuple[str, ...]
+    counts: dict[str, tuple[int, ...]]  # modality -> rows per shard, aligned with paths
+
+    def total(self, modality: str) -> int:
+        return sum(self.counts[modality])
+
+    def digest(self) -> str:
+        """Identifies the data of a run (shard names and counts)."""
+        text = repr((tuple(p.rsplit("/", 1)[-1] for p in self.paths),
+                     sorted(self.counts.items())))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers may run in another folder); URIs unchanged."""
+    return path if storage.is_uri(path) else os.path.abspath(path)
+
+
+def read_manifest(shards_dir: str) -> dict:
+    path = storage.join(shards_dir, "manifest.json")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path}: no shard manifest; run the pack stage first")
+    return storage.read_json(path)
+
+
+def split_index(shards_dir: str, split: str, manifest: dict | None = None) -> ShardIndex:
+    """The split's shards in the manifest's order (stray files in the folder are ignored) and
+    their rows per modality: the manifest's ``rows_by_modality``, else counted from the
+    shard's modality column."""
+    manifest = manifest or read_manifest(shards_dir)
+    entries = [e for e in manifest["shards"] if e["split"] == split]
+    if not entries:
+        raise ValueError(f"{shards_dir}/manifest.json lists no {split!r} shards")
+    paths, counts = [], {m: [] for m in MODALITIES}
+    for entry in entries:
+        path = storage.join(shards_dir, entry["path"])
+        known = entry.get("rows_by_modality")
+        if known is None:
+            modality = storage.read_parquet(path, columns=["modality"]).column("modality")
+            known = {m: int(pc.sum(pc.equal(modality, m)).as_py() or 0) for m in MODALITIES}
+        paths.append(path)
+        for m in MODALITIES:
+            counts[m].append(int(known.get(m, 0)))
+    return ShardIndex(tuple(paths), {m: tuple(c) for m, c in counts.items()})
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+class ModalityOrder:
+    """Endless, deterministic order of one modality's rows: position -> (shard, row)."""
+
+    def __init__(self, index: ShardIndex, modality: str, seed: int):
+        self.index = index
+        self.modality_id = MODALITIES.index(modality)
+        self.seed = seed
+        self.counts = index.counts[modality]
+        self.size = sum(self.counts)
+        if self.size == 0:
+            raise ValueError(f"no {modality} rows in the {len(index.paths)} shard(s) to train on")
+        self._epoch = None
+        self._rows: dict[int, np.ndarray] = {}
+
+    def _epoch_layout(self, epoch: int):
+        """(shard order, cumulative row counts along it) of one epoch, memoised."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            shards = [s for s in _rng(self.seed, self.modality_id, epoch).permutation(len(self.counts))
+                      if self.counts[s] > 0]
+            cumulative = np.cumsum([self.counts[s] for s in shards]).tolist()
+            self._epoch = (epoch, shards, cumulative)
+            self._rows = {}
+        return self._epoch[1], self._epoch[2]
+
+    def _row_order(self, epoch: int, shard: int) -> np.ndarray:
+        if shard not in self._rows:
+            self._rows[shard] = _rng(self.seed, self.modality_id, epoch, shard + 1).permutation(self.counts[shard])
+        return self._rows[shard]
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """Stream position -> (epoch, shard index, row among the shard's rows of this modality)."""
+        epoch, offset = divmod(position, self.size)
+        shards, cumulative = self._epoch_layout(epoch)
+        slot = bisect.bisect_right(cumulative, offset)
+        start = cumulative[slot - 1] if slot else 0
+        shard = int(shards[slot])
+        return epoch, shard, int(self._row_order(epoch, shard)[offset - start])
+
+
+def worker_positions(step: int, global_batch: int, rank: int, world_size: int) -> range:
+    """The stream positions worker ``rank`` consumes at ``step`` (a contiguous slice)."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+    local = global_batch // world_size
+    start = step * global_batch + rank * local
+    return range(start, start + local)
+
+
+class ShardRowReader:
+    """Reads rows of one modality from shards, keeping the few most recent shards in memory."""
+
+    def __init__(self, index: ShardIndex, modality: str, cache_size: int = 2):
+        self.index = index
+        self.modality = modality
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, list[dict]] = OrderedDict()
+
+    def rows_of(self, shard: int) -> list[dict]:
+        if shard not in self._cache:
+            table = storage.read_parquet(self.index.paths[shard], columns=ROW_COLUMNS)
+            table = table.filter(pc.equal(table.column("modality"), self.modality))
+            if table.num_rows != self.index.counts[self.modality][shard]:
+                raise ValueError(f"{self.index.paths[shard]}: {table.num_rows} {self.modality} rows, "
+                                 f"the index counted {self.index.counts[self.modality][shard]}; "
+                                 "the shards changed under a running job")
+            self._cache[shard] = table.to_pylist()
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(shard)
+        return self._cache[shard]
+
+
+class MixedStream:
+    """Per-step rows for one worker: ``batch[m]`` / world_size rows of each modality m."""
+
+    def __init__(self, index: ShardIndex, batch: dict[str, int], seed: int, rank: int, world_size: int):
+        self.batch = {m: n for m, n in batch.items() if n > 0}
+        self.rank, self.world_size = rank, world_size
+        self.orders = {m: ModalityOrder(index, m, seed) for m in self.batch}
+        self.readers = {m: ShardRowReader(index, m) for m in self.batch}
+
+    def rows(self, step: int) -> list[dict]:
+        """The rows this worker trains on at ``step``, modality by modality."""
+        out = []
+        for m, global_batch in self.batch.items():
+            for position in worker_positions(step, global_batch, self.rank, self.world_size):
+                _, shard, row = self.orders[m].locate(position)
+                out.append(self.readers[m].rows_of(shard)[row])
+        return out
+
+    def positions(self, step: int) -> dict[str, range]:
+        """This worker's stream positions of each modality at ``step`` (rows() order)."""
+        return {m: worker_positions(step, b, self.rank, self.world_size) for m, b in self.batch.items()}
+
+    def epochs(self, step: int) -> dict[str, float]:
+        """Fractional epochs of each modality completed after ``step`` steps."""
+        return {m: step * b / self.orders[m].size for m, b in self.batch.items()}
+
+
+def mix_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- masks per sample
+
+def _pad_text_mask(m: TextMask, length: int, pad_id: int) -> TextMask:
+    extra = length - m.input_ids.shape[1]
+    return TextMask(torch.nn.functional.pad(m.input_ids, (0, extra), value=pad_id),
+                    torch.nn.functional.pad(m.selected, (0, extra), value=False))
+
+
+def sample_masks(masker, batch: MixedBatch, seeds: dict[str, list[int]], pad_id: int) -> PretrainMasks:
+    """Masks drawn sample by sample, each from its own seed, so they do not depend on which
+    other samples share the batch (or the worker)."""
+    cfg, out = masker.masking, {}
+
+    def text_masks(part, ratio, gens):
+        lengths = (~part.padding_mask).sum(1).tolist()
+        rows = [_pad_text_mask(masker.text(part.ids[i:i + 1, :n], part.padding_mask[i:i + 1, :n], ratio, g),
+                               part.ids.shape[1], pad_id) for i, (n, g) in enumerate(zip(lengths, gens))]
+        return TextMask(torch.cat([r.input_ids for r in rows]), torch.cat([r.selected for r in rows]))
+
+    def image_masks(part, ratio, gens):
+        return torch.cat([masker.image(ImagePart(part.pixels[i:i + 1], part.visual_tokens[i:i + 1]), ratio, g)
+                          for i, g in enumerate(gens)])
+
+    gens = {m: [torch.Generator().manual_seed(s) for s in seeds.get(m, [])] for m in MODALITIES}
+    if batch.text is not None:
+        out["text"] = text_masks(batch.text, cfg.text_ratio, gens["text"])
+    if batch.image is not None:
+        out["image"] = image_masks(batch.image, cfg.image_ratio, gens["image"])
+    if batch.pair is not None:
+        out["pair_text"] = text_masks(batch.pair, cfg.caption_ratio, gens["pair"])
+        if cfg.pair_image_ratio > 0:
+            out["pair_image"] = image_masks(batch.pair, cfg.pair_image_ratio, gens["pair"])
+    return PretrainMasks(**out)
+
+
+def count_tokens(batch: MixedBatch) -> int:
+    """Sequence positions the backbone processes (padding excluded)."""
+    total = 0
+    for name, part in batch.parts.items():
+        if name != "text":
+            total += part.batch_size * (1 + part.visual_tokens.shape[1])
+        if name != "image":
+            total += int((~part.padding_mask).sum())
+    return total
+
+
+class StepLoader:
+    """Builds step t+1's batch and masks in a background thread while step t trains."""
+
+    def __init__(self, stream: MixedStream, masker, pad_id: int, seed: int, log_samples: bool):
+        self.stream, self.masker, self.pad_id, self.seed = stream, masker, pad_id, seed
+        self.log_samples = log_samples
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")
+        self.pending: dict[int, object] = {}
+
+    def _load(self, step: int):
+        rows = self.stream.rows(step)
+        batch = collate_rows(rows, self.pad_id)
+        seeds = {m: [mix_seed(self.seed, MODALITIES.index(m), p) for p in positions]
+                 for m, positions in self.stream.positions(step).items()}
+        masks = sample_masks(self.masker, batch, seeds, self.pad_id)
+        ids = [r["id"] for r in rows] if self.log_samples else None
+        return batch, masks, ids, count_tokens(batch)
+
+    def get(self, step: int, last_step: int):
+        future = self.pending.pop(step, None) or self.pool.submit(self._load, step)
+        if step + 1 < last_step:
+            self.pending[step + 1] = self.pool.submit(self._load, step + 1)
+        return future.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = ["ShardIndex", "absolute", "read_manifest", "split_index", "ModalityOrder", "worker_positions", "ShardRowReader", "MixedStream",
+           "mix_seed", "sample_masks", "count_tokens", "StepLoader"]

@@ -1,0 +1,138 @@
+"""pack stage: deterministic, mixed, resumable shards with a correct manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.pack import PackConfig, pack_shards
+from pipelines.ray_session import RayConfig
+from pipelines.schema import SHARD_SCHEMA, shard_table
+from tests.pipelines.test_text_tokenizer import png
+
+RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)
+TOKENIZERS = {"text": {"sha256": "a" * 64, "vocab_size": 300}, "visual": {"sha256": "b" * 64}}
+
+
+def write_tokenized_dir(root, n_text=60, n_image=30, n_pair=30, parts=2) -> str:
+    """Tokenized parts as the tokenize stage writes them (SHARD_SCHEMA), plus tokenizers.json."""
+    rng = random.Random(0)
+
+    def row(modality, i):
+        has_text, has_image = modality != "image", modality != "text"
+        return {"id": hashlib.sha256(f"{modality}{i}".encode()).hexdigest(), "modality": modality,
+                "text_ids": [0, *[rng.randrange(5, 300) for _ in range(rng.randrange(1, 30))], 2] if has_text else None,
+                "image": png(rng, (8, 8)) if has_image else None,
+                "visual_tokens": [rng.randrange(512) for _ in range(4)] if has_image else None,
+                "source": f"src_{modality}"}
+
+    for modality, n in (("text", n_text), ("image", n_image), ("pair", n_pair)):
+        rows = [row(modality, i) for i in range(n)]
+        for p in range(parts):
+            chunk = rows[p::parts]
+            table = shard_table({f.name: [r[f.name] for r in chunk] for f in SHARD_SCHEMA})
+            storage.write_parquet(table, str(root / modality / f"part-{p:05d}.parquet"))
+    storage.write_json(str(root / "tokenizers.json"), TOKENIZERS)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> str:
+    return write_tokenized_dir(tmp_path_factory.mktemp("tokenized"))
+
+
+def shard_files(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_byte_identical_manifest_and_mixed_shards(ray_local, tokenized, tmp_path):
+    cfg = lambda name: PackConfig(out_dir=str(tmp_path / name), shard_rows=16, val_fraction=0.2, seed=3)  # noqa: E731
+    metrics = pack_shards(cfg("a"), tokenized, RAY)
+    pack_shards(cfg("b"), tokenized, RAY)
+    files = shard_files(tmp_path / "a")
+    assert files == shard_files(tmp_path / "b")  # shards and manifest, byte for byte
+    assert not (tmp_path / "a" / ".spill").exists() and "manifest.partial.json" not in files
+
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["tokenizers"] == TOKENIZERS
+    assert manifest["rows"] == metrics["rows"] == 120
+    assert manifest["rows_by_modality"] == {"text": 60, "image": 30, "pair": 30}
+    assert set(files) == {"manifest.json"} | {e["path"] for e in manifest["shards"]}
+    seen = {}
+    for entry in manifest["shards"]:
+        data = files[entry["path"]]
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
+        table = pq.read_table(tmp_path / "a" / entry["path"])
+        assert table.schema.equals(SHARD_SCHEMA, check_metadata=False)
+        assert pq.ParquetFile(tmp_path / "a" / entry["path"]).metadata.row_group(0).column(0).compression == "ZSTD"
+        mods = table["modality"].to_pylist()
+        assert entry["rows"] == len(mods) <= 16
+        assert entry["rows_by_modality"] == {m: mods.count(m) for m in ("text", "image", "pair")}
+        seen.update({i: entry["split"] for i in table["id"].to_pylist()})
+    assert len(seen) == 120  # every row exactly once, train and val disjoint
+    splits = manifest["splits"]
+    assert splits["train"]["rows"] + splits["val"]["rows"] == 120 and 10 <= splits["val"]["rows"] <= 40
+    full = [e for e in manifest["shards"] if e["split"] == "train"][:-1]
+    assert all(e["rows"] == 16 for e in full)
+    assert sum(1 for e in manifest["shards"] if sum(v > 0 for v in e["rows_by_modality"].values()) >= 2) >= 4
+
+
+def test_split_depends_only_on_seed_and_id(ray_local, tokenized, tmp_path):
+    def val_ids(name, **kw):
+        pack_shards(PackConfig(out_dir=str(tmp_path / name), val_fraction=0.2, **kw), tokenized, RAY)
+        return {i for p in (tmp_path / name / "val").glob("*.parquet") for i in pq.read_table(p)["id"].to_pylist()}
+
+    assert val_ids("rows16", shard_rows=16) == val_ids("rows7", shard_rows=7)
+    assert val_ids("seed1", shard_rows=16, seed=1) != val_ids("rows16b", shard_rows=16)
+
+
+def test_shard_rows_changes_shard_count_and_removes_stale_shards(ray_local, tokenized, tmp_path):
+    out = tmp_path / "shards"
+    small = pack_shards(PackConfig(out_dir=str(out), shard_rows=10, val_fraction=0.0), tokenized, RAY)
+    assert small["shards"] == 12 and len(list((out / "train").iterdir())) == 12
+    large = pack_shards(PackConfig(out_dir=str(out), shard_rows=50, val_fraction=0.0), tokenized, RAY)
+    assert large["shards"] == 3 and large["shards_reused"] == 0
+    assert sorted(p.name for p in (out / "train").iterdir()) == [f"shard-{k:05d}.parquet" for k in range(3)]
+
+
+def test_resume_keeps_finished_shards(ray_local, tokenized, tmp_path):
+    out = tmp_path / "shards"
+    cfg = PackConfig(out_dir=str(out), shard_rows=16, val_fraction=0.2)
+    pack_shards(cfg, tokenized, RAY)
+    reference = shard_files(out)
+    manifest = json.loads(reference["manifest.json"])
+    paths = [e["path"] for e in manifest["shards"]]
+    mtimes = {p: os.stat(out / p).st_mtime_ns for p in paths}
+
+    # a killed run: the final manifest is not there yet, the partial one lists some shards,
+    # one listed shard was deleted and one was truncated, one temp file was left behind
+    (out / "manifest.json").unlink()
+    partial = {e["path"]: {k: v for k, v in e.items() if k != "path"} for e in manifest["shards"][:-2]}
+    storage.write_json(str(out / "manifest.partial.json"), {"fingerprint": manifest["fingerprint"], "shards": partial})
+    (out / paths[0]).unlink()
+    (out / paths[1]).write_bytes(reference[paths[1]][:100])
+    (out / paths[-1]).unlink()
+    (out / "train" / "shard-00000.parquet.tmp-dead").write_bytes(b"half")
+
+    metrics = pack_shards(cfg, tokenized, RAY)
+    rewritten = {paths[0], paths[1], paths[-2], paths[-1]}
+    assert metrics["shards_written"] == 4 and metrics["shards_reused"] == len(paths) - 4
+    assert shard_files(out) == reference
+    assert all(os.stat(out / p).st_mtime_ns == mtimes[p] for p in paths if p not in rewritten)
+
+    again = pack_shards(cfg, tokenized, RAY)  # complete output: nothing to redo
+    assert again["shards_written"] == 0 and shard_files(out) == reference
+
+
+def test_bad_part_schema_is_a_clear_error(ray_local, tmp_path):
+    tokenized = tmp_path / "tok"
+    write_tokenized_dir(tokenized, 4, 0, 0, parts=1)
+    table = pq.read_table(tokenized / "text" / "part-00000.parquet").drop_columns(["source"])
+    pq.write_table(table, tokenized / "text" / "part-00001.parquet")
+    with pytest.raises(Exception, match="is not the shard schema"):
+        pack_shards(PackConfig(out_dir=str(tmp_path / "out")), str(tokenized), RAY)

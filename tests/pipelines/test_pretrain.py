@@ -1,0 +1,244 @@
+"""pretrain: deterministic data order, exact resume, 1 vs 2 workers, SIGKILL of the stage."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from pipelines.configs import ParamsError, build
+from pipelines.pretrain import PretrainConfig, run_pretraining
+from pipelines.pretrain_data import MixedStream, ModalityOrder, ShardIndex, worker_positions
+from pipelines.ray_session import RayConfig
+from pipelines.train_loop import lr_at, read_csv
+from tests.pipelines.pretrain_fixtures import (  # noqa: F401  (tiny_corpus is a fixture)
+    tiny_corpus, tiny_job, tiny_pretrain_params, train_in_process,
+)
+from tests.project import PROJECT_ROOT, project_env
+
+LOSS_KEYS = ("loss", "loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "loss_pair_mim")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def curve(rows: list[dict]) -> list[list[float]]:
+    return [[r["step"], *(r[k] for k in LOSS_KEYS)] for r in rows]
+
+
+# ----------------------------------------------------------------------------- data order
+
+def test_order_visits_every_row_once_per_epoch_and_is_a_function_of_the_seed():
+    index = ShardIndex(("a", "b", "c"), {"text": (5, 0, 7), "image": (1, 1, 1), "pair": (0, 0, 0)})
+    order = ModalityOrder(index, "text", seed=3)
+    epoch0 = [order.locate(p) for p in range(12)]
+    epoch1 = [order.locate(p) for p in range(12, 24)]
+    assert sorted((s, r) for _, s, r in epoch0) == [(0, r) for r in range(5)] + [(2, r) for r in range(7)]
+    assert sorted(epoch1[i][1:] for i in range(12)) == sorted(e[1:] for e in epoch0)
+    assert [e[1:] for e in epoch0] != [e[1:] for e in epoch1]  # reshuffled per epoch
+    assert [ModalityOrder(index, "text", seed=3).locate(p) for p in range(24)] == epoch0 + epoch1
+    assert [ModalityOrder(index, "text", seed=4).locate(p) for p in range(12)] != epoch0
+
+
+def test_workers_split_the_global_batch_exactly():
+    assert list(worker_positions(5, 8, 0, 2)) + list(worker_positions(5, 8, 1, 2)) == list(worker_positions(5, 8, 0, 1))
+    with pytest.raises(ValueError, match="divisible"):
+        worker_positions(0, 9, 0, 2)
+
+
+def test_two_streams_see_the_rows_of_one(tiny_corpus):
+    from pipelines.pretrain_data import split_index
+
+    index = split_index(tiny_corpus["shards"], "train")
+    batch = {"text": 4, "image": 2, "pair": 6}
+    one = MixedStream(index, batch, 0, 0, 1)
+    two = [MixedStream(index, batch, 0, r, 2) for r in range(2)]
+    for step in (0, 7, 31):  # 31 crosses several epochs of every modality
+        ids = [r["id"] for r in one.rows(step)]
+        halves = [[r["id"] for r in s.rows(step)] for s in two]
+        for m in batch:
+            assert [i for i in ids if f"-{m}-" in i] == [i for h in halves for i in h if f"-{m}-" in i]
+
+
+# ----------------------------------------------------------------------------- config and schedule
+
+def test_config_checks_name_the_key(tmp_path):
+    with pytest.raises(ParamsError, match=r"pretrain\.batch\.text.*divisible"):
+        build(PretrainConfig, tiny_pretrain_params(str(tmp_path), num_workers=3), "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain\.stepz: unknown key"):
+        build(PretrainConfig, {"stepz": 3}, "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain\.strategy"):
+        build(PretrainConfig, {"strategy": "zero3"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain\.masking"):
+        build(PretrainConfig, {"masking": {"text_ratio": 1.5}}, "pretrain")
+
+
+def test_lr_is_scaled_warmed_up_and_decayed(tmp_path):
+    cfg = build(PretrainConfig, tiny_pretrain_params(str(tmp_path), lr=1e-3, lr_reference_batch=24,
+                                                     steps=100, warmup_steps=10, min_lr=0.0), "pretrain")
+    assert cfg.peak_lr == pytest.approx(5e-4)  # global batch 12 at reference 24
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(5e-5) and lrs[9] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-6
+
+
+def test_run_name_follows_the_trajectory_not_the_runtime(tiny_corpus, tmp_path):
+    base = tiny_job(tiny_corpus, str(tmp_path))["run_name"]
+    assert tiny_job(tiny_corpus, str(tmp_path), num_workers=2, log_every=5)["run_name"] == base
+    assert tiny_job(tiny_corpus, str(tmp_path), lr=5e-4)["run_name"] != base
+
+
+# ----------------------------------------------------------------------------- the loop in-process
+
+def test_fixed_seed_reproduces_the_loss_curve(tiny_corpus, tmp_path):
+    first, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path), steps=6))
+    second, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path), steps=6))
+    assert curve(first.history) == curve(second.history)
+    assert first.history[-1]["loss"] < first.history[0]["loss"]
+    other, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path), steps=6, seed=1))
+    assert curve(other.history) != curve(first.history)
+
+
+def test_resume_continues_at_the_exact_next_sample(tiny_corpus, tmp_path):
+    job = tiny_job(tiny_corpus, str(tmp_path), steps=8, checkpoint_every=3, log_samples=True)
+    full, saved = train_in_process(job, keep_dir=str(tmp_path / "ckpts"))
+    assert sorted(saved) == [3, 6, 8]
+    resumed, _ = train_in_process(job, resume_dir=saved[3])
+    assert resumed.resumed_from == 3
+    assert resumed.samples == full.samples  # steps 1-3 from the checkpoint, 4-8 trained again
+    assert torch.allclose(torch.tensor(curve(resumed.history)), torch.tensor(curve(full.history)), rtol=1e-5)
+    for key, value in full.task.state_dict().items():
+        assert torch.allclose(value, resumed.task.state_dict()[key], atol=1e-6), key
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_corpus, tmp_path):
+    job = tiny_job(tiny_corpus, str(tmp_path), steps=2, checkpoint_every=2)
+    _, saved = train_in_process(job, keep_dir=str(tmp_path / "ckpts"))
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    with open(os.path.join(saved[2], "optimizer.pt"), "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(ValueError, match="optimizer.pt: refused to load"):
+        train_in_process(job, resume_dir=saved[2])
+    assert not (tmp_path / "pwned").exists()
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+@pytest.mark.slow
+def test_two_workers_train_like_one(tiny_corpus, tmp_path, ray_local):
+    results = {}
+    for workers in (1, 2):
+        params = tiny_pretrain_params(str(tmp_path / f"w{workers}"), num_workers=workers, steps=10)
+        cfg = build(PretrainConfig, params, "pretrain")
+        summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
+        assert summary["steps"] == 10 and summary["num_workers"] == workers
+        results[workers] = read_csv(cfg.plots_path)
+        assert {"config.json", "model.safetensors", "heads.safetensors", "task.json",
+                "beit3_official.pth"} <= set(os.listdir(cfg.out_dir))
+    one, two = torch.tensor(curve(results[1])), torch.tensor(curve(results[2]))
+    assert one.shape == two.shape == (10, 1 + len(LOSS_KEYS))
+    assert torch.equal(one[0], two[0])  # same initial weights, samples and masks
+    # Later steps differ only through float reduction order and the per-worker mean of the
+    # text MLM loss (a worker averages over its own masked tokens).
+    assert torch.allclose(one, two, rtol=0.02), (one - two).abs().max()
+    assert one[-1, 1] < one[0, 1]
+
+
+def _stage(project: str, **popen) -> subprocess.Popen:
+    env = project_env({"PYTHONPATH": PROJECT_ROOT})
+    return subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=project, env=env,
+                            stdout=open(os.path.join(project, "stage.log"), "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True, **popen)
+
+
+def _project(root, corpus: dict, name: str) -> str:
+    """A folder with the project's params.yaml, pointed at the tiny corpus."""
+    project = str(root / name)
+    os.makedirs(project)
+    with open(os.path.join(PROJECT_ROOT, "params.yaml")) as f:
+        params = yaml.safe_load(f)
+    params["pretrain"].update(tiny_pretrain_params(project, steps=120, checkpoint_every=10, log_every=10,
+                                                   log_samples=True))
+    params["pack"]["out_dir"] = corpus["shards"]
+    params["text_tokenizer"]["out_dir"] = corpus["text_tokenizer"]
+    params["ray"]["num_cpus"] = 4
+    with open(os.path.join(project, "params.yaml"), "w") as f:
+        yaml.safe_dump(params, f, sort_keys=False)
+    return project
+
+
+def _checkpoint_steps(project: str) -> list[int]:
+    base = os.path.join(project, "checkpoints")
+    steps = []
+    for run in os.listdir(base) if os.path.isdir(base) else []:
+        for name in os.listdir(os.path.join(base, run)):
+            if name.startswith("step-") and os.path.exists(os.path.join(base, run, name, "state.json")):
+                steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 600) -> None:
+    try:
+        assert proc.wait(timeout=timeout) == 0, "stage failed, see stage.log"
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Our stage runs in its own session: end what is left of it (Ray's processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_path):
+    clean = _project(tmp_path, tiny_corpus, "clean")
+    _finish(_stage(clean))
+
+    killed = _project(tmp_path, tiny_corpus, "killed")
+    proc = _stage(killed)
+    deadline = time.time() + 600
+    while not [s for s in _checkpoint_steps(killed) if s >= 30]:
+        assert proc.poll() is None, "the stage ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # the stage's own process: the driver
+    proc.wait()
+    _kill_group(proc)
+    interrupted_at = max(_checkpoint_steps(killed))
+    assert 30 <= interrupted_at < 120
+    assert not os.path.exists(os.path.join(killed, "model"))  # no export from a killed run
+
+    _finish(_stage(killed))
+    with open(os.path.join(killed, "metrics", "pretrain.json")) as f:
+        summary = json.load(f)
+    assert summary["steps"] == 120
+    assert 30 <= summary["resumed_from_step"] <= interrupted_at  # not step 0
+    with open(os.path.join(killed, "stage.log")) as f:
+        assert f"resumed run {summary['run_name']} at step {summary['resumed_from_step']}" in f.read()
+    samples = {}
+    for name in ("clean", "killed"):
+        with open(os.path.join(tmp_path, name, "model", "samples.jsonl")) as f:
+            samples[name] = [json.loads(line) for line in f]
+    assert [s["step"] for s in samples["killed"]] == list(range(1, 121))
+    assert samples["killed"] == samples["clean"]  # nothing seen twice, nothing skipped
+    curves = [torch.tensor(curve(read_csv(os.path.join(tmp_path, n, "plots", "pretrain.csv")))) for n in ("clean", "killed")]
+    assert torch.allclose(curves[0], curves[1], rtol=1e-5)

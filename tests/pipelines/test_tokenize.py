@@ -1,0 +1,127 @@
+"""tokenize stage: one Ray Data job, both tokenizers, exact image views, chunking, resume."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from model.text_tokenizer import TextTokenizer
+from model.vqkd import VQKD, vqkd_preset
+from pipelines.ray_session import RayConfig
+from pipelines.schema import SHARD_SCHEMA
+from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
+from pipelines.tokenize import TokenizeConfig, tokenize_corpus
+from tests.model.test_text_tokenizer import corpus
+from tests.pipelines.test_text_tokenizer import write_clean_dir
+
+RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)
+
+
+@pytest.fixture(scope="module")
+def inputs(ray_local, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tokenize")
+    docs = corpus()
+    texts = [" ".join(docs[i:i + 12]) for i in range(0, 240, 12)] + docs[240:260]  # long and short docs
+    clean = write_clean_dir(root / "clean", texts, n_images=5, n_pairs=6)
+    text_dir = str(root / "text_tokenizer")
+    train_text_tokenizer(TextTokenizerConfig(out_dir=text_dir, vocab_size=300), clean, RAY)
+    torch.manual_seed(0)
+    config = vqkd_preset("tiny", image_size=32, encoder_dim=32, encoder_depth=1, encoder_heads=2,
+                         decoder_dim=32, decoder_depth=1, decoder_heads=2, n_codes=64, out_dim=8)
+    visual_dir = str(root / "visual_tokenizer")
+    VQKD(config).save(visual_dir)
+    return {"clean": clean, "text": text_dir, "visual": visual_dir}
+
+
+def run(inputs, out, num_actors=1, **kw) -> dict:
+    cfg = TokenizeConfig(out_dir=str(out), batch_size=4, num_actors=num_actors, **kw)
+    return tokenize_corpus(cfg, inputs["clean"], inputs["text"], inputs["visual"], RAY)
+
+
+def parts(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+
+
+def rows(out, kind) -> list[dict]:
+    return [r for p in sorted((out / kind).glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_outputs_are_exact_and_byte_identical(inputs, tmp_path):
+    metrics = run(inputs, tmp_path / "a", num_actors=2)
+    run(inputs, tmp_path / "b")  # one actor instead of two: same bytes
+    files = parts(tmp_path / "a")
+    assert files == parts(tmp_path / "b")
+    assert set(files) == {f"{k}/part-{p:05d}.parquet" for k in ("text", "image", "pair") for p in range(2)}
+    for name in files:
+        assert pq.read_table(tmp_path / "a" / name).schema.equals(SHARD_SCHEMA, check_metadata=False)
+    assert metrics["image_rows_out"] == 5 and metrics["pair_rows_out"] == 6 and metrics["parts_done"] == 6
+
+    info = json.loads((tmp_path / "a" / "tokenizers.json").read_text())
+    tok = TextTokenizer(inputs["text"])
+    assert info["text"]["sha256"] == tok.sha256 and info["text"]["mask_id"] == tok.mask_id
+    assert info["visual"]["n_codes"] == 64 and len(info["visual"]["sha256"]) == 64
+
+    vqkd = VQKD.load(inputs["visual"])
+    for kind in ("image", "pair"):
+        for row in rows(tmp_path / "a", kind):
+            assert row["modality"] == kind and row["source"] == ("pairs" if kind == "pair" else "imgs")
+            view = Image.open(io.BytesIO(row["image"]))
+            assert view.format == "PNG" and view.size == (32, 32)
+            x = torch.from_numpy(np.asarray(view.convert("RGB")).copy()).permute(2, 0, 1)
+            codes = vqkd.codes(x.float().div(255)[None])[0].tolist()
+            assert row["visual_tokens"] == codes and len(codes) == 4  # the stored view is what was tokenized
+            if kind == "pair":
+                assert row["text_ids"][0] == 0 and row["text_ids"][-1] == 2
+                assert "square on a" in tok.decode(row["text_ids"])
+            else:
+                assert row["text_ids"] is None
+
+
+def test_long_texts_are_chunked_without_losing_tokens(inputs, tmp_path):
+    metrics = run(inputs, tmp_path / "out", max_text_tokens=16, max_caption_tokens=5)
+    tok = TextTokenizer(inputs["text"])
+    out_rows = rows(tmp_path / "out", "text")
+    by_id = {r["id"]: r for r in out_rows}
+    docs = [r for p in sorted((Path(inputs["clean"]) / "text").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    chunked = 0
+    for doc in docs:
+        body = tok.encode_body(doc["text"])
+        if len(body) <= 14:
+            assert by_id[doc["id"]]["text_ids"] == [0, *body, 2]
+            continue
+        chunked += 1
+        pieces = [by_id[hashlib.sha256(f"{doc['id']}:{k}".encode()).hexdigest()]["text_ids"]
+                  for k in range(-(-len(body) // 14))]
+        assert all(p[0] == 0 and p[-1] == 2 and len(p) <= 16 for p in pieces)
+        assert [t for p in pieces for t in p[1:-1]] == body  # nothing lost, nothing repeated
+    assert chunked >= 20 and metrics["text_chunked_docs"] == chunked
+    assert len(out_rows) == metrics["text_rows_out"] == len(by_id)
+    pairs = rows(tmp_path / "out", "pair")
+    assert all(len(r["text_ids"]) == 5 and r["text_ids"][-1] == 2 for r in pairs)
+    assert metrics["pair_truncated_captions"] == 6
+
+
+def test_rerun_skips_finished_parts(inputs, tmp_path):
+    out = tmp_path / "out"
+    run(inputs, out)
+    reference = parts(out)
+    mtimes = {name: os.stat(out / name).st_mtime_ns for name in reference}
+    (out / "image" / "part-00001.parquet").unlink()          # killed before this part finished
+    (out / "pair" / "part-00000.parquet.tmp-dead").write_bytes(b"half-written")
+    (out / "text" / "part-00007.parquet").write_bytes(reference["text/part-00000.parquet"])  # input gone
+
+    metrics = run(inputs, out)
+    assert metrics["parts_done"] == 1 and metrics["parts_skipped"] == 5
+    assert parts(out) == reference and not (out / "pair" / "part-00000.parquet.tmp-dead").exists()
+    assert all(os.stat(out / n).st_mtime_ns == t for n, t in mtimes.items() if n != "image/part-00001.parquet")
+
+    changed = run(inputs, out, max_caption_tokens=8)          # other params: every part is redone
+    assert changed["parts_done"] == 6
