@@ -15,7 +15,9 @@ executes (padding included, since it is computed):
     per step, the heads at masked positions only:
       heads     2 * D * (V_text * M_text + V_image * M_image)
     training FLOPs = 3 x the sum, i.e. the familiar 6 * params * tokens + 12 * depth * T^2 * D
-    (+ heads). Biases, norms, softmax and the optimizer are not counted.
+    (+ heads), except the patch projection: 2 x (its input, the pixels, needs no gradient).
+    Biases, norms, softmax and the optimizer are not counted. With the math SDPA backend this
+    equals torch.utils.flop_counter.FlopCounterMode's count of a real step exactly (tested).
 
 MFU = training FLOPs per second / the bf16 (GPU) or float32 (CPU) matmul peak this process
 measures with a large torch.matmul loop (``matmul_peak``), not the data-sheet number.
@@ -120,7 +122,7 @@ def train_flops(cfg: BEiT3Config, batch: MixedBatch, masks: PretrainMasks,
     m_text = int(masks.pair_text.selected.sum())
     m_image = 0 if masks.pair_image is None else int(masks.pair_image.sum())
     heads = 2 * cfg.dim * (text_vocab * m_text + visual_vocab * m_image)
-    return 3.0 * (b * (backbone + attention + patches) + heads)
+    return 3.0 * (b * (backbone + attention) + heads) + 2.0 * b * patches
 
 
 def matmul_peak(device: torch.device, seconds: float = 2.0) -> tuple[float, str]:
@@ -166,7 +168,8 @@ class Trainer:
         self.name, self.task, self.device = name, task, device
         self.optimizer = adamw(task)
         self.autocast = autocast_for(device)
-        self.seconds: list[float] = []  # per timed round
+        self.seconds: list[float] = []  # wall time per timed round
+        self.cpu_seconds: list[float] = []  # this process's CPU time per round (robust on a busy CPU)
         self.samples: list[int] = []
         self.peak_bytes = 0
 
@@ -195,12 +198,13 @@ class Trainer:
         if cuda:
             base = torch.cuda.memory_allocated(self.device) - self.state_bytes()
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step(batch, masks)
         synchronize(self.device)
         if timed:
             self.seconds.append(time.perf_counter() - start)
+            self.cpu_seconds.append(time.process_time() - cpu_start)
             self.samples.append(steps * batch.num_samples)
         if cuda:
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device) - base)

@@ -23,7 +23,8 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _check_text(ids: torch.Tensor, padding_mask: torch.Tensor, part: str) -> None:
-    _check(ids.dim() == 2 and ids.dtype == torch.long, f"{part}: ids must be (B, L) int64, got {tuple(ids.shape)} {ids.dtype}")
+    _check(ids.dim() == 2 and ids.dtype == torch.long,
+           f"{part}: ids must be (B, L) int64, got {tuple(ids.shape)} {ids.dtype}")
     _check(padding_mask.shape == ids.shape and padding_mask.dtype == torch.bool,
            f"{part}: padding_mask must be (B, L) bool like ids, got {tuple(padding_mask.shape)} {padding_mask.dtype}")
 
@@ -32,7 +33,8 @@ def _check_image(pixels: torch.Tensor, visual_tokens: torch.Tensor, part: str) -
     _check(pixels.dim() == 4 and pixels.shape[1] == 3 and pixels.is_floating_point(),
            f"{part}: pixels must be (B, 3, H, W) float, got {tuple(pixels.shape)} {pixels.dtype}")
     _check(visual_tokens.dim() == 2 and visual_tokens.dtype == torch.long and visual_tokens.shape[0] == pixels.shape[0],
-           f"{part}: visual_tokens must be (B, N) int64 with B = {pixels.shape[0]}, got {tuple(visual_tokens.shape)} {visual_tokens.dtype}")
+           f"{part}: visual_tokens must be (B, N) int64 with B = {pixels.shape[0]}, "
+           f"got {tuple(visual_tokens.shape)} {visual_tokens.dtype}")
 
 
 class _Part:

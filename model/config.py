@@ -3,7 +3,10 @@
 The ``released`` variant is the architecture of the public checkpoints
 (torchscale 0.3.0 ``BEiT3``, multiway=True, subln=True); ``paper`` is the
 variant the paper describes (shared attention, vision-language FFN experts in
-the top ``vl_expert_layers`` layers), for which no public code exists.
+the top ``vl_expert_layers`` layers), for which no public code exists. Our
+reading, as in VLMo: the attention pre-LN and sub-LN are shared with the
+attention, each FFN expert (vision, text, vision-language) has its own pre-LN,
+and the final LN stays per modality.
 """
 from __future__ import annotations
 

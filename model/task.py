@@ -55,7 +55,8 @@ class PretrainMasks:
     def to(self, device, non_blocking: bool = False) -> PretrainMasks:
         def move(x):
             if isinstance(x, TextMask):
-                return TextMask(x.input_ids.to(device, non_blocking=non_blocking), x.selected.to(device, non_blocking=non_blocking))
+                return TextMask(x.input_ids.to(device, non_blocking=non_blocking),
+                                x.selected.to(device, non_blocking=non_blocking))
             return None if x is None else x.to(device, non_blocking=non_blocking)
         return PretrainMasks(move(self.text), move(self.image), move(self.pair_text), move(self.pair_image))
 
@@ -71,7 +72,8 @@ class Masker:
         self.patch_size = patch_size
         self.special_ids = torch.tensor(sorted(set(special_ids) | {mask_id}), dtype=torch.long)
         if int(self.special_ids.max()) >= text_vocab_size or int(self.special_ids.min()) < 0:
-            raise ValueError(f"special/mask ids {self.special_ids.tolist()} outside the vocabulary of {text_vocab_size}")
+            raise ValueError(f"special/mask ids {self.special_ids.tolist()} outside the vocabulary "
+                             f"of {text_vocab_size}")
         self._random_ids = {torch.device("cpu"): replacement_ids(text_vocab_size, self.special_ids)}
 
     def _pool(self, device: torch.device) -> torch.Tensor:
@@ -135,8 +137,8 @@ class PretrainTask(nn.Module):
     of the parts present. Pooling all masked positions instead would weight each objective by
     its number of masked positions (78 patches per image vs ~10 tokens per text), so the image
     objectives would dominate and the balance would drift with sequence lengths, mask ratios
-    and the batch mixture; the mean keeps every objective at the same scale, matching the
-    paper's description of one equal-footing objective over the three data kinds.
+    and the batch mixture. The paper states no weighting; the mean keeps every objective at
+    the same scale whatever the lengths and the mixture.
     """
 
     def __init__(self, model: nn.Module, text_vocab_size: int, visual_vocab_size: int,
@@ -145,7 +147,8 @@ class PretrainTask(nn.Module):
         super().__init__()
         config = model.config
         if text_vocab_size > config.vocab_size:
-            raise ValueError(f"text_vocab_size {text_vocab_size} exceeds the backbone's embedding vocabulary {config.vocab_size}")
+            raise ValueError(f"text_vocab_size {text_vocab_size} exceeds the backbone's embedding "
+                             f"vocabulary {config.vocab_size}")
         specials = set(special_ids) | ({pad_id} if pad_id is not None else set())
         self.model = model
         self.heads = PretrainHeads(config.dim, text_vocab_size, visual_vocab_size, bias=head_bias)
@@ -173,9 +176,11 @@ class PretrainTask(nn.Module):
         split = 1 + part.visual_tokens.shape[1]
         if hidden.shape[1] != split + part.ids.shape[1]:
             raise ValueError(f"backbone returned {hidden.shape[1]} positions, expected {split} + {part.ids.shape[1]}")
-        self._score("pair_mlm", self.heads.text(hidden[:, split:], text_mask.selected), part.ids[text_mask.selected], out)
+        selected = text_mask.selected
+        self._score("pair_mlm", self.heads.text(hidden[:, split:], selected), part.ids[selected], out)
         if image_mask is not None:
-            self._score("pair_mim", self.heads.image(hidden[:, 1:split], image_mask), part.visual_tokens[image_mask], out)
+            self._score("pair_mim", self.heads.image(hidden[:, 1:split], image_mask),
+                        part.visual_tokens[image_mask], out)
 
     def forward(self, batch: MixedBatch, generator: Generator = None, masks: PretrainMasks | None = None) -> TaskOutput:
         """batch: any of text / image / pair; masks: precomputed (e.g. by a data loader's

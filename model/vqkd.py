@@ -274,8 +274,8 @@ class VQKD(nn.Module):
 
     # -- checkpoints
     @classmethod
-    def from_official(cls, path: str, config: VQKDConfig | None = None) -> "VQKD":
-        """Load a released BEiT v2 tokenizer .pth (1x or 3x decoder).
+    def from_official(cls, path, config: VQKDConfig | None = None) -> "VQKD":
+        """Load a released BEiT v2 tokenizer .pth (1x or 3x decoder); ``path`` or a file object.
 
         Weights under 'model' or 'state_dict'; keys starting with loss/teacher/scaling
         are dropped; everything else must match exactly. ``config`` defaults to the
@@ -292,15 +292,19 @@ class VQKD(nn.Module):
         """The state dict in the released layout (our module names are that layout)."""
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
-    def save(self, directory: str) -> None:
-        """Write model.safetensors + config.json into ``directory`` (each file atomically)."""
-        from safetensors.torch import save_file
+    def serialize(self) -> dict[str, bytes]:
+        """What ``save`` writes: {'model.safetensors': weights, 'config.json': architecture}."""
+        from safetensors.torch import save
 
-        os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(directory, STATE_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        text = json.dumps({"model_type": "vqkd", **dataclasses.asdict(self.config)}, indent=2)
-        _atomic(directory, CONFIG_FILE, lambda p: _write_text(p, text + "\n"))
+        config = json.dumps({"model_type": "vqkd", **dataclasses.asdict(self.config)}, indent=2)
+        return {STATE_FILE: save(state, metadata={"format": "pt"}), CONFIG_FILE: (config + "\n").encode()}
+
+    def save(self, directory: str) -> None:
+        """Write model.safetensors + config.json into ``directory`` (each atomically, config last)."""
+        os.makedirs(directory, exist_ok=True)
+        for name, data in self.serialize().items():
+            _atomic(directory, name, data)
 
     @classmethod
     def load(cls, directory: str, map_location: str = "cpu") -> "VQKD":
@@ -367,21 +371,16 @@ def _unwrap(raw, path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: expected the weights under 'model' or 'state_dict'; found {found}")
 
 
-def _atomic(directory: str, name: str, write) -> None:
+def _atomic(directory: str, name: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(fd)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, os.path.join(directory, name))
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _autocast_off(device: torch.device):

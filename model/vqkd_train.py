@@ -57,13 +57,12 @@ class VQKDTrainConfig:
 def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
     """Spherical k-means of l2-normalised samples (M, C) -> centres (k, C).
 
-    Seeds are drawn without replacement (with replacement only if M < k); an
-    empty cluster is re-seeded on the sample farthest from its centre.
+    k-means++ seeding (cosine distance): on simple scenes most patches are flat
+    background with near-identical features, and uniformly drawn seeds would
+    spend most of the codebook on them. An empty cluster is re-seeded on the
+    sample worst served by its centre.
     """
-    M = samples.shape[0]
-    seeds = (torch.randperm(M, generator=generator)[:k] if M >= k
-             else torch.randint(0, M, (k,), generator=generator))
-    means = samples[seeds].clone()
+    means = _kmeans_pp_seeds(samples, k, generator)
     for _ in range(iters):
         sims = samples @ means.t()  # (M, k)
         best, assign = sims.max(dim=1)
@@ -71,11 +70,30 @@ def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Ge
         sums = torch.zeros_like(means).index_add_(0, assign, samples)
         new = F.normalize(sums, dim=1)
         empty = counts == 0
-        if empty.any():  # re-seed on the worst-served samples
-            worst = torch.argsort(best)[: int(empty.sum())]
-            new[empty] = samples[worst[: int(empty.sum())]]
+        if empty.any():
+            n_empty = int(empty.sum())
+            new[empty] = samples[torch.argsort(best)[:n_empty]]
         means = new
     return means
+
+
+def _kmeans_pp_seeds(samples: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    M = samples.shape[0]
+    if M <= k:  # too few samples for distinct seeds: take all, then draw with replacement
+        extra = torch.randint(0, M, (k - M,), generator=generator, device=samples.device)
+        return samples[torch.cat((torch.arange(M, device=samples.device), extra))].clone()
+    first = torch.randint(0, M, (1,), generator=generator, device=samples.device)
+    chosen = [int(first)]
+    dist = (1 - samples @ samples[first[0]]).clamp_min(0)  # (M,) distance to the nearest seed
+    for _ in range(k - 1):
+        weights = dist.square()
+        if float(weights.sum()) <= 0:  # every sample coincides with a seed
+            j = int(torch.randint(0, M, (1,), generator=generator, device=samples.device))
+        else:
+            j = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(j)
+        dist = torch.minimum(dist, (1 - samples @ samples[j]).clamp_min(0))
+    return samples[torch.tensor(chosen, device=samples.device)].clone()
 
 
 @torch.no_grad()
@@ -140,26 +158,6 @@ def code_histograms(codes: torch.Tensor, n_codes: int) -> torch.Tensor:
     return hist / N
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, steps: int = 300, weight_decay: float = 1e-3,
-                 seed: int = 0) -> float:
-    """Multinomial logistic regression on (standardised) features -> test accuracy."""
-    g = torch.Generator().manual_seed(seed)
-    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    w = (torch.randn(xtr.shape[1], n_classes, generator=g) * 0.01).requires_grad_()
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=0.05)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(xtr @ w + b, train_y) + weight_decay * w.pow(2).sum()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((xte @ w + b).argmax(1) == test_y).float().mean())
-
-
 # ---------------------------------------------------------------- the loop
 
 def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor,
@@ -181,17 +179,19 @@ def train_vqkd(model: VQKD, teacher: torch.nn.Module, batches: Iterator[torch.Te
     """
     if getattr(teacher, "dim", model.config.out_dim) != model.config.out_dim:
         raise ValueError(f"teacher dim {teacher.dim} != VQ-KD out_dim {model.config.out_dim}")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    device = model.encoder.pos_embed.device
+    teacher = teacher.to(device)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     K = model.quantize.n_codes
-    last_used = torch.zeros(K, dtype=torch.long)
+    last_used = torch.zeros(K, dtype=torch.long, device=device)
     model.train()
     logs, start = [], time.perf_counter()
     for step in range(cfg.steps):
-        x = next(batches)
+        x = next(batches).to(device, non_blocking=True)
         target, weights = teacher(x)
         z = model.encode(x)  # (B, N, C)
         B, N, C = z.shape
@@ -237,5 +237,4 @@ def _lr_factor(step: int, cfg: VQKDTrainConfig) -> float:
 
 
 __all__ = ["VQKDTrainConfig", "train_vqkd", "kmeans_cosine", "init_codebook", "ema_update",
-           "restart_dead_codes", "code_usage", "code_histograms", "linear_probe",
-           "reconstruction_loss"]
+           "restart_dead_codes", "code_usage", "code_histograms", "reconstruction_loss"]

@@ -123,7 +123,8 @@ def _duplicate_rows(meta: pa.Table, kind: str, cfg: CleanConfig) -> pa.Table:
     kept = meta.filter(pc.and_(meta.column("kept"), pc.equal(meta.column("kind"), kind))).sort_by(ORDER)
     near = {"text": cfg.text.near_dedup, "image": cfg.image.near_dedup, "pair": cfg.pair.near_dedup}[kind]
     dups = find_duplicates(kept, kind, near=near, near_threshold=cfg.text.near_dedup_threshold,
-                           num_perm=cfg.text.minhash_perms, phash_max_distance=cfg.image.phash_max_distance)
+                           num_perm=cfg.text.minhash_perms, phash_max_distance=cfg.image.phash_max_distance,
+                           max_color_diff=cfg.image.near_dedup_max_color_diff)
     rows = kept.take(pa.array([d.index for d in dups], pa.int64()))
     for name, values in (("reason", [d.reason for d in dups]), ("detail", [d.detail for d in dups]),
                          ("step", [d.step for d in dups]), ("kept", [False] * len(dups))):
@@ -144,7 +145,8 @@ def _write_kept(rows, drop: list[str], n_kept: int, out: str, cfg: CleanConfig, 
                 of_kind = batch.filter(pc.equal(batch.column("kind"), kind))
                 if len(of_kind):
                     writers[kind].add(_output_table(of_kind, kind))
-    return {kind: w.close() for kind, w in writers.items() if w.stats["rows"]}
+    stats = {kind: w.close() for kind, w in writers.items()}
+    return {kind: st for kind, st in stats.items() if st["rows"]}
 
 
 def _output_table(batch: pa.Table, kind: str) -> pa.Table:

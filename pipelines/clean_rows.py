@@ -26,7 +26,8 @@ ROW_SCHEMA = pa.schema([
     ("reason", pa.string()), ("detail", pa.string()), ("step", pa.string()),
     ("text", pa.string()),           # cleaned document, or the pair's caption
     ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
-    ("minhash", pa.list_(pa.uint64())), ("phash", pa.uint64()), ("caption_hash", pa.string()),
+    ("minhash", pa.list_(pa.uint64())), ("phash", pa.uint64()),
+    ("thumb", pa.binary()), ("caption_hash", pa.string()),
 ])
 META_COLUMNS = [f.name for f in ROW_SCHEMA if f.name not in ("text", "image")]
 ORDER = [("source_idx", "ascending"), ("unit_idx", "ascending"), ("row_idx", "ascending")]
@@ -86,7 +87,7 @@ def _text(record: Record, cfg) -> dict:
 def _image(record: Record, cfg) -> dict:
     im = run_steps(IMAGE_STEPS, record.image, cfg.image)
     return {"kept": True, "id": im.id, "image": im.data, "width": im.width, "height": im.height,
-            "phash": im.phash}
+            "phash": im.phash, "thumb": im.thumb}
 
 
 def _pair(record: Record, cfg) -> dict:

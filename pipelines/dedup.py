@@ -12,6 +12,8 @@ rejected with a pointer to it; the result is deterministic.
 - image near: perceptual-hash Hamming distance <= d, found exactly with the
   pigeonhole trick: split the 64 bits into d + 1 bands; two hashes within d
   bits agree on at least one band, so only rows sharing a band are compared.
+  A candidate is confirmed only if the 8x8 colour thumbnails agree within
+  ``max_color_diff`` in every cell (phash is blind to colour).
 - pair near: an identical normalised caption *and* near-identical images.
 
 Memory: O(kept rows) on the driver: ~8 bytes x minhash_perms per text row
@@ -45,13 +47,13 @@ class PhashIndex:
         self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
         self.hashes: dict[int, int] = {}
 
-    def query(self, h: int) -> tuple[int, int] | None:
-        """(index, distance) of the earliest-added hash within max_distance, or None."""
+    def query(self, h: int, accept=lambda index: True) -> tuple[int, int] | None:
+        """(index, distance) of the earliest-added hash within max_distance that ``accept``s, or None."""
         best = None
         for (shift, mask), table in zip(self.bands, self.tables):
             for idx in table.get((h >> shift) & mask, ()):
                 dist = (h ^ self.hashes[idx]).bit_count()
-                if dist <= self.max_distance and (best is None or idx < best[0]):
+                if dist <= self.max_distance and (best is None or idx < best[0]) and accept(idx):
                     best = (idx, dist)
         return best
 
@@ -62,9 +64,10 @@ class PhashIndex:
 
 
 def find_duplicates(meta: pa.Table, kind: str, *, near: bool, near_threshold: float = 0.8,
-                    num_perm: int = 128, phash_max_distance: int = 2) -> list[Duplicate]:
+                    num_perm: int = 128, phash_max_distance: int = 2,
+                    max_color_diff: int = 24) -> list[Duplicate]:
     """Duplicates among ``meta`` rows (already in input order; columns id, location, and
-    minhash for text / phash (+ caption_hash for pairs) for images)."""
+    minhash for text / phash + thumb (+ caption_hash for pairs) for images)."""
     ids = meta.column("id").to_pylist()
     where = meta.column("location").to_pylist()
     first: dict[str, int] = {}
@@ -80,7 +83,7 @@ def find_duplicates(meta: pa.Table, kind: str, *, near: bool, near_threshold: fl
     if near and survivors:
         finder = _near_text if kind == "text" else _near_image
         dups += finder(meta, survivors, where, ids, kind=kind, near_threshold=near_threshold,
-                       num_perm=num_perm, max_distance=phash_max_distance)
+                       num_perm=num_perm, max_distance=phash_max_distance, max_color_diff=max_color_diff)
     return dups
 
 
@@ -108,14 +111,15 @@ def _near_text(meta, survivors, where, ids, *, near_threshold, num_perm, **_):
     return dups
 
 
-def _near_image(meta, survivors, where, ids, *, kind, max_distance, **_):
+def _near_image(meta, survivors, where, ids, *, kind, max_distance, max_color_diff, **_):
     hashes = meta.column("phash").to_pylist()
+    thumbs = [np.frombuffer(t, np.uint8).astype(np.int16) for t in meta.column("thumb").to_pylist()]
     groups = meta.column("caption_hash").to_pylist() if kind == "pair" else None
     indexes: dict[str | None, PhashIndex] = {}
     dups = []
     for i in survivors:
         index = indexes.setdefault(groups[i] if groups else None, PhashIndex(max_distance))
-        match = index.query(hashes[i])
+        match = index.query(hashes[i], lambda j: int(np.abs(thumbs[i] - thumbs[j]).max()) <= max_color_diff)
         if match:
             j, dist = match
             dups.append(Duplicate(i, "near_duplicate", f"phash {dist} bits from {ids[j]} at {where[j]}", "near_dedup"))

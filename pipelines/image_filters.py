@@ -26,6 +26,7 @@ from pipelines.rejects import Reject, content_id
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 WHITE = (255, 255, 255, 255)
+THUMB_SIZE = (8, 8)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,11 @@ class ImageFilterConfig:
     jpeg_quality: int = 95
     png_compress_level: int = 6
     near_dedup: bool = True
-    phash_max_distance: int = 2      # perceptual-hash Hamming distance counted as a near-duplicate
+    phash_max_distance: int = 2      # perceptual-hash Hamming distance of near-duplicate candidates
+    # ...confirmed only if no cell of the 8x8 colour thumbnails differs by more than this (0-255):
+    # phash sees luminance structure only, so a yellow circle and a blue triangle at the same
+    # spot on a flat background hash alike; re-encodes and resizes keep their colours.
+    near_dedup_max_color_diff: int = 24
 
     def __post_init__(self):
         check(self.max_pixels >= 1, "clean.image.max_pixels: must be >= 1")
@@ -47,6 +52,7 @@ class ImageFilterConfig:
         check(1 <= self.jpeg_quality <= 100, "clean.image.jpeg_quality: must be in [1, 100]")
         check(0 <= self.png_compress_level <= 9, "clean.image.png_compress_level: must be in [0, 9]")
         check(0 <= self.phash_max_distance <= 16, "clean.image.phash_max_distance: must be in [0, 16]")
+        check(0 <= self.near_dedup_max_color_diff <= 255, "clean.image.near_dedup_max_color_diff: must be in [0, 255]")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class CleanImage:
     height: int
     id: str           # hash of the RGB pixels and size: exact duplicates share it
     phash: int        # 64-bit perceptual hash (near duplicates are a few bits apart)
+    thumb: bytes      # 8x8 RGB area-averaged thumbnail (192 bytes) to confirm near duplicates
 
 
 def _open(data: bytes) -> Image.Image:
@@ -154,6 +161,7 @@ def encode(im: Image.Image, cfg: ImageFilterConfig) -> CleanImage:
         data=buf.getvalue(), width=w, height=h,
         id=content_id(b"rgb", f"{w}x{h}".encode(), pixels),
         phash=int(str(imagehash.phash(bare)), 16),
+        thumb=bare.resize(THUMB_SIZE, Image.Resampling.BOX).tobytes(),
     )
 
 

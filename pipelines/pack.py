@@ -150,31 +150,42 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
     _delete(spill_dir)
     wanted = np.zeros(len(plan.shards), bool)
     wanted[[s.index for s in todo]] = True
+    # At most one task in flight per logical CPU: bounds memory (one part or shard per task)
+    # and lets Ray reuse its idle worker processes instead of starting new ones.
+    limit = max(1, int(ray.cluster_resources().get("CPU", 1)))
     scatter = ray.remote(num_cpus=ray_cfg.cpus_per_task)(scatter_part)
     gather = ray.remote(num_cpus=ray_cfg.cpus_per_task)(gather_shard)
-    refs = {}
+    spills = {}
     for j, path in enumerate(plan.parts):
         dest = np.where(wanted[plan.dest[j]], plan.dest[j], -1)
         if (dest >= 0).any():
-            spill = storage.join(spill_dir, f"part-{j:05d}.arrow")
-            refs[spill] = scatter.remote(path, spill, dest, plan.pos[j])
-    t0=time.time(); batches = dict(zip(refs, ray.get(list(refs.values()))))  # spill path -> {shard: batch}
-    print("scatter", time.time()-t0, flush=True); t0=time.time()
-    pending = {}
+            spills[storage.join(spill_dir, f"part-{j:05d}.arrow")] = (path, dest, plan.pos[j])
+    batches = dict(_bounded(ray, limit, {spill: (path, spill, dest, pos)
+                                         for spill, (path, dest, pos) in spills.items()}, scatter))
+    jobs = {}
     for shard in todo:
         sources = [(spill, idx[shard.index]) for spill, idx in batches.items() if shard.index in idx]
         out = storage.join(cfg.out_dir, shard.path)
-        pending[gather.remote(sources, out, cfg.compression, cfg.compression_level, cfg.row_group_rows)] = shard
+        jobs[shard] = (sources, out, cfg.compression, cfg.compression_level, cfg.row_group_rows)
     last_write = time.time()
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        shard = pending.pop(ready[0])
-        done[shard.path] = {"split": shard.split, **ray.get(ready[0])}
-        if time.time() - last_write > 1.0 or not pending:  # bounded manifest rewriting
+    for n, (shard, entry) in enumerate(_bounded(ray, limit, jobs, gather), start=1):
+        done[shard.path] = {"split": shard.split, **entry}
+        if time.time() - last_write > 1.0 or n == len(jobs):  # bounded manifest rewriting
             _write_partial(cfg.out_dir, plan, done)
             last_write = time.time()
-    print("gather", time.time()-t0, flush=True)
     _delete(spill_dir)
+
+
+def _bounded(ray, limit: int, jobs: dict, task):
+    """Run ``task.remote(*args)`` for each ``key: args`` with at most ``limit`` in flight;
+    yields (key, result) in completion order."""
+    queue, pending = list(jobs.items()), {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            key, args = queue.pop(0)
+            pending[task.remote(*args)] = key
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(ready[0]), ray.get(ready[0])
 
 
 def scatter_part(path: str, spill: str, dest: np.ndarray, pos: np.ndarray) -> dict[int, int]:
@@ -203,7 +214,7 @@ def gather_shard(sources: list[tuple[str, int]], out: str, compression: str,
     for spill, index in sources:
         fs, p = storage.filesystem(spill)
         with fs.open_input_file(p) as f:
-            batches.append(ipc.open_file(f).get_batch(index))
+            batches.append(ipc.open_file(f).get_batch(index))  # reads only this shard's batch
     table = pa.Table.from_batches(batches)
     table = table.take(pc.sort_indices(table[POS])).drop_columns([POS]).combine_chunks()
     data = parquet_bytes(table, compression, compression_level, row_group_rows)
@@ -213,12 +224,13 @@ def gather_shard(sources: list[tuple[str, int]], out: str, compression: str,
             "bytes": len(data), "sha256": storage.sha256(data)}
 
 
-def parquet_bytes(table: pa.Table, compression: str, compression_level: int | None, row_group_rows: int) -> bytes:
-    """Serialize in memory: the same table and options always give the same bytes."""
+def parquet_bytes(table: pa.Table, compression: str, compression_level: int | None,
+                  row_group_rows: int) -> pa.Buffer:
+    """Serialize in memory (no copy to ``bytes``): the same table and options give the same bytes."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=compression, compression_level=compression_level,
                    row_group_size=row_group_rows, write_statistics=True)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def finished_shards(out_dir: str, plan: Plan) -> dict[str, dict]:

@@ -1,11 +1,239 @@
-"""visual_tokenizer stage: train the VQ-KD tokenizer (or load an official one)."""
+"""visual_tokenizer stage: train the VQ-KD tokenizer (or load an official one).
+
+Inputs: every cleaned image (``clean_dir/image/*.parquet`` and
+``clean_dir/pair/*.parquet``, columns ``id`` and ``image`` bytes), unique by id,
+shuffled with ``seed``; the first ``holdout`` images are held out of training
+and measure the codebook (utilisation = fraction of codes used, perplexity).
+If ``probe_dir`` holds an ImageFolder (``train``/``val`` splits, e.g. the demo's
+shape classes), a linear probe on per-image code histograms shows whether the
+codes carry image content.
+
+With ``pretrained`` set (a released BEiT v2 ``vqkd_*.pth``, local or URI) no
+training happens: the checkpoint is converted and evaluated the same way.
+Training and evaluation run in one Ray task (``num_gpus`` > 0 puts it on a GPU).
+
+Outputs in ``out_dir``: ``model.safetensors`` + ``config.json`` (``VQKD.load``)
+and ``history.json`` (per training step: loss, batch utilisation, perplexity).
+"""
 from __future__ import annotations
 
+import dataclasses
+import io
+import random
+import time
 from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+
+from pipelines import storage
+from pipelines.configs import check
+from pipelines.ray_session import RayConfig, ray_session
+
+HISTORY_FILE = "history.json"
 
 
 @dataclass(frozen=True)
 class VisualTokenizerConfig:
     out_dir: str = "data/visual_tokenizer"
-    preset: str = "tiny"
-    pretrained: str | None = None
+    preset: Literal["tiny", "official-base"] = "tiny"
+    pretrained: str | None = None          # official BEiT v2 vqkd .pth: load it, skip training
+    image_size: int = 96                   # tokenizer input size (official: 224)
+    teacher: Literal["hog", "vit"] = "hog"
+    teacher_checkpoint: str | None = None  # teacher: vit -> local file (model/teachers.py formats)
+    teacher_input_size: int | None = None  # a TorchScript teacher's image size
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100                # steps without the quantizer before k-means
+    dead_code_steps: int = 20              # restart codes unused for this many steps
+    seed: int = 0
+    holdout: int = 300                     # images kept out of training for the codebook metrics
+    max_images: int = 50000                # training images held in memory (uint8)
+    probe_dir: str | None = "data/demo/eval/classification"  # ImageFolder; null: no probe
+    num_threads: int = 2                   # torch threads in the training task
+    num_gpus: float = 0.0
+
+    def __post_init__(self):
+        check(self.image_size >= 16, "visual_tokenizer.image_size: must be >= 16")
+        check(self.steps >= 1 and self.batch_size >= 1, "visual_tokenizer.steps/batch_size: must be >= 1")
+        check(0 <= self.warmup_steps < self.steps, "visual_tokenizer.warmup_steps: must be in [0, steps)")
+        check(self.lr > 0, "visual_tokenizer.lr: must be > 0")
+        check(self.dead_code_steps >= 1, "visual_tokenizer.dead_code_steps: must be >= 1")
+        check(self.holdout >= 1, "visual_tokenizer.holdout: must be >= 1")
+        check(self.max_images >= 1, "visual_tokenizer.max_images: must be >= 1")
+        check(self.num_threads >= 1 and self.num_gpus >= 0, "visual_tokenizer.num_threads/num_gpus")
+        check(self.teacher != "vit" or bool(self.teacher_checkpoint),
+              "visual_tokenizer.teacher_checkpoint: required when teacher is 'vit'")
+
+
+def train_visual_tokenizer(cfg: VisualTokenizerConfig, clean_dir: str, ray_cfg: RayConfig) -> dict:
+    """Train (or load) the tokenizer into ``cfg.out_dir``; returns the stage metrics."""
+    start = time.time()
+    parts = image_parts(clean_dir)
+    if not parts:
+        raise FileNotFoundError(f"{clean_dir}: no image/*.parquet or pair/*.parquet with images")
+    with ray_session(ray_cfg) as ray:
+        task = ray.remote(num_cpus=min(ray_cfg.cpus_per_task * cfg.num_threads, 64),
+                          num_gpus=cfg.num_gpus)(build_tokenizer)
+        files, history, metrics = ray.get(task.remote(cfg, parts))
+    for name, data in files.items():  # weights first, config.json last (readers key on it)
+        storage.write_bytes(storage.join(cfg.out_dir, name), data)
+    storage.write_json(storage.join(cfg.out_dir, HISTORY_FILE), history)
+    return {**metrics, "seconds": round(time.time() - start, 2)}
+
+
+def image_parts(clean_dir: str) -> list[str]:
+    return [p for kind in ("image", "pair")
+            for p in storage.list_files(storage.join(clean_dir, kind), ".parquet")]
+
+
+def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict, list, dict]:
+    """Ray task: read images, train or load, evaluate -> (files, history, metrics)."""
+    from model.vqkd_train import VQKDTrainConfig, train_vqkd
+
+    torch.set_num_threads(cfg.num_threads)
+    device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+    model, teacher = _model_and_teacher(cfg)
+    size = model.config.image_size
+    if cfg.pretrained and size != cfg.image_size:
+        raise ValueError(f"visual_tokenizer.image_size is {cfg.image_size} but {cfg.pretrained} "
+                         f"takes {size} px images; set image_size: {size}")
+    images, undecodable = read_images(parts, size, cfg.seed, cfg.holdout + cfg.max_images)
+    n_hold = min(cfg.holdout, len(images) // 2) if not cfg.pretrained else min(cfg.holdout, len(images))
+    holdout, train = images[:n_hold], images[n_hold:]
+    model.to(device)
+    history, metrics = [], {"trained": not cfg.pretrained, "preset": cfg.preset,
+                            "image_size": size, "n_codes": model.config.n_codes,
+                            "num_images": len(images), "undecodable_images": undecodable,
+                            "num_holdout_images": len(holdout), "device": str(device)}
+    if not cfg.pretrained:
+        if len(train) == 0:
+            raise ValueError("visual_tokenizer: need at least 2 decodable images to train")
+        train_cfg = VQKDTrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                    dead_code_steps=cfg.dead_code_steps, seed=cfg.seed)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed), train_cfg)
+        tail = history[-min(20, len(history)):]
+        metrics.update(
+            num_train_images=len(train), steps=cfg.steps, teacher=cfg.teacher,
+            train_seconds=round(time.perf_counter() - t0, 2),
+            train_cpu_seconds=round(time.process_time() - cpu0, 2),
+            final_rec_loss=round(sum(h["rec_loss"] for h in tail) / len(tail), 4))
+    metrics.update(evaluate_codes(model, holdout, cfg))
+    return model.serialize(), [_rounded(h) for h in history], metrics
+
+
+def _model_and_teacher(cfg: VisualTokenizerConfig):
+    """(official VQKD, None) with ``pretrained``; else (fresh preset VQKD sized to the teacher, teacher)."""
+    from model.teachers import build_teacher
+    from model.vqkd import VQKD, vqkd_preset
+
+    if cfg.pretrained:
+        source = (io.BytesIO(storage.read_bytes(cfg.pretrained)) if storage.is_uri(cfg.pretrained)
+                  else cfg.pretrained)
+        return VQKD.from_official(source), None
+    base = vqkd_preset(cfg.preset, image_size=cfg.image_size)
+    teacher = build_teacher(cfg.teacher, base.grid, base.patch_size, cfg.teacher_checkpoint,
+                            cfg.teacher_input_size)
+    return VQKD(dataclasses.replace(base, out_dim=teacher.dim)), teacher
+
+
+def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tuple[torch.Tensor, int]:
+    """Unique (by id) images of every part, seeded shuffle, first ``limit`` ->
+    (uint8 (M, 3, S, S) preprocessed as the tokenizer sees them, number undecodable)."""
+    from PIL import Image
+
+    from model.vqkd import preprocess
+
+    rows = {}
+    for path in parts:
+        table = storage.read_parquet(path, columns=["id", "image"])
+        for id_, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+            if data is not None:
+                rows.setdefault(id_, data)
+    ids = sorted(rows)
+    random.Random(seed).shuffle(ids)
+    out, bad = [], 0
+    for id_ in ids[:limit]:
+        try:
+            with Image.open(io.BytesIO(rows[id_])) as img:
+                x = preprocess(img, image_size)
+        except (OSError, ValueError):
+            bad += 1  # the clean stage verified every image; count rather than hide any
+            continue
+        out.append(x.mul(255).round().to(torch.uint8))  # exact: preprocess gives k / 255
+    if not out:
+        raise ValueError(f"visual_tokenizer: no decodable images in {len(parts)} parquet part(s)")
+    return torch.stack(out), bad
+
+
+def shuffled_batches(images: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless epochs of seeded-shuffled batches, uint8 (M, 3, S, S) -> float (B, 3, S, S) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    bs = min(batch_size, len(images))
+    while True:
+        perm = torch.randperm(len(images), generator=g)
+        for i in range(0, len(perm) - bs + 1, bs):
+            yield images[perm[i:i + bs]].float().div(255)
+
+
+def evaluate_codes(model, holdout: torch.Tensor, cfg: VisualTokenizerConfig) -> dict:
+    """Codebook use on held-out images, plus the code-histogram probe when labels exist."""
+    from model.vqkd_train import code_usage
+
+    codes = _codes(model, holdout)
+    usage = code_usage(codes, model.config.n_codes)
+    metrics = {"holdout_utilisation": round(usage["utilisation"], 4),
+               "holdout_perplexity": round(usage["perplexity"], 2)}
+    if cfg.probe_dir and storage.exists(storage.join(cfg.probe_dir, "train")):
+        metrics.update(probe_codes(model, cfg.probe_dir, cfg.seed))
+    else:
+        metrics.update(probe_accuracy=None, probe_note=f"no ImageFolder at {cfg.probe_dir!r}")
+    return metrics
+
+
+def probe_codes(model, probe_dir: str, seed: int) -> dict:
+    """Linear probe on per-image code histograms: train split -> val accuracy."""
+    from PIL import Image
+
+    from model.vqkd import preprocess
+    from model.vqkd_train import code_histograms
+    from pipelines.eval_data import read_image_folder
+    from pipelines.eval_probe import linear_probe
+    from pipelines.evaluate import ProbeConfig
+
+    def features(paths):
+        xs = []
+        for p in paths:
+            with Image.open(io.BytesIO(storage.read_bytes(p))) as img:
+                xs.append(preprocess(img, model.config.image_size))
+        return code_histograms(_codes(model, torch.stack(xs)).cpu(), model.config.n_codes)
+
+    train_paths, train_y, classes = read_image_folder(probe_dir, "train")
+    val_paths, val_y, _ = read_image_folder(probe_dir, "val", classes)
+    train_y, val_y = torch.tensor(train_y), torch.tensor(val_y)
+    result = linear_probe(features(train_paths), train_y, features(val_paths), val_y, len(classes),
+                          ProbeConfig(steps=300, lr=0.01, weight_decay=1e-4), seed)
+    chance = float(torch.bincount(val_y).max()) / len(val_y)  # majority-class rate
+    return {"probe_accuracy": result["top1"], "probe_train_accuracy": result["train_top1"],
+            "probe_chance": round(chance, 4), "probe_classes": classes,
+            "probe_images": [len(train_paths), len(val_paths)]}
+
+
+def _codes(model, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    device = model.encoder.pos_embed.device
+    out = [model.codes(_as_float(images[i:i + chunk]).to(device)) for i in range(0, len(images), chunk)]
+    return torch.cat(out)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(255) if x.dtype == torch.uint8 else x
+
+
+def _rounded(log: dict) -> dict:
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in log.items()}
+
+
+__all__ = ["VisualTokenizerConfig", "train_visual_tokenizer", "read_images", "shuffled_batches",
+           "evaluate_codes", "probe_codes", "HISTORY_FILE"]

@@ -205,9 +205,11 @@ def test_per_sample_text_generators_ignore_padding_length_and_neighbours():
         return mask_text(ids, maskable, 0.5, MASK_ID, pool, seeded(*seeds), padding_mask=padding)
     together = run(ids, padding, maskable, range(6))
     extra = 7  # the same rows padded further, as in a batch with a longer neighbour
-    wider = run(torch.nn.functional.pad(ids, (0, extra), value=1), torch.nn.functional.pad(padding, (0, extra), value=True),
-                torch.nn.functional.pad(maskable, (0, extra), value=False), range(6))
-    assert torch.equal(wider.input_ids[:, :20], together.input_ids) and torch.equal(wider.selected[:, :20], together.selected)
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (0, extra), value=value)
+    wider = run(pad(ids, 1), pad(padding, True), pad(maskable, False), range(6))
+    assert torch.equal(wider.input_ids[:, :20], together.input_ids)
+    assert torch.equal(wider.selected[:, :20], together.selected)
     for i in range(6):
         n = int((~padding[i]).sum())
         alone = run(ids[i:i + 1, :n], padding[i:i + 1, :n], maskable[i:i + 1, :n], [i])

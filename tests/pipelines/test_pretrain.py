@@ -153,7 +153,8 @@ def test_two_workers_train_like_one(tiny_corpus, tmp_path, ray_local):
                 "beit3_official.pth"} <= set(os.listdir(cfg.out_dir))
     one, two = torch.tensor(curve(results[1])), torch.tensor(curve(results[2]))
     assert one.shape == two.shape == (10, 1 + len(LOSS_KEYS))
-    assert torch.equal(one[0], two[0])  # same initial weights, samples and masks
+    # Step 1: same initial weights, samples and masks; only the sums' order differs.
+    assert torch.allclose(one[0], two[0], rtol=1e-5)
     # Later steps differ only through float reduction order and the per-worker mean of the
     # text MLM loss (a worker averages over its own masked tokens).
     assert torch.allclose(one, two, rtol=0.02), (one - two).abs().max()
