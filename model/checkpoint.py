@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_save
 
 from model.beit3 import BEiT3
 from model.config import POSITION_OFFSET, BEiT3Config, beit3_preset
+from model.safe_load import load_torch_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def official_key_map(cfg: BEiT3Config) -> dict[str, tuple[str, ...]]:
 def _read_official(path_or_state_dict) -> tuple[dict, bool]:
     """-> (flat state dict, whether its tensors belong to the caller and must be copied)."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        checkpoint = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        checkpoint = load_torch_checkpoint(path_or_state_dict)
         owned_by_caller = False
     elif isinstance(path_or_state_dict, dict):
         checkpoint, owned_by_caller = path_or_state_dict, True

@@ -1,0 +1,62 @@
+"""params.yaml is validated once, before any work, naming the bad key."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipelines.configs import ParamsError, build
+from pipelines.params import Params, load_params
+from tests.project import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def raw_params():
+    with open(os.path.join(PROJECT_ROOT, "params.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_repo_params_are_valid():
+    params = load_params(os.path.join(PROJECT_ROOT, "params.yaml"))
+    assert params.sources and params.ray.cpus_per_task > 0
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("pack", "shard_rowz", 5, r"pack\.shard_rowz: unknown key"),
+    ("pack", "shard_rows", "many", r"pack\.shard_rows: expected an integer"),
+    ("ray", "cpus_per_task", 0, r"ray\.cpus_per_task"),
+    ("ray", "address", 12, r"ray\.address"),
+])
+def test_bad_values_name_the_key(raw_params, section, key, value, message):
+    data = copy.deepcopy(raw_params)
+    data[section][key] = value
+    with pytest.raises(ParamsError, match=message):
+        build(Params, data)
+
+
+def test_missing_section_is_named(raw_params):
+    data = copy.deepcopy(raw_params)
+    del data["pack"]
+    with pytest.raises(ParamsError, match=r"params\.pack: missing required key"):
+        build(Params, data)
+
+
+def test_bad_source_format_is_named(raw_params):
+    data = copy.deepcopy(raw_params)
+    data["sources"][0]["format"] = "csv"
+    with pytest.raises(ParamsError, match="format: 'csv' is not a"):
+        build(Params, data)
+
+
+def test_stage_fails_before_work_on_bad_params(tmp_path, raw_params):
+    data = copy.deepcopy(raw_params)
+    data["clean"]["no_such_threshold"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    env = dict(os.environ, PYTHONPATH=PROJECT_ROOT)
+    proc = subprocess.run([sys.executable, "-m", "stages.clean"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "clean.no_such_threshold: unknown key" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["params.yaml"]  # nothing was written

@@ -1,0 +1,206 @@
+"""Source readers: every format, local and s3://, confinement to the declared path."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import storage
+from pipelines.sources import ReadLimits, SourceConfig, escapes, iter_lines, plan_units, read_unit
+from pipelines.configs import ParamsError, build
+
+LIMITS = ReadLimits(max_file_bytes=1 << 20, max_line_bytes=1000)
+
+
+# ---------------------------------------------------------------- tiny corpus builders (shared)
+
+def png(color=(200, 30, 30), size=(48, 40), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, members) -> None:
+    """members: (name, bytes) regular files, or (name, TarInfo-type, linkname) special entries."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for member in members:
+            info = tarfile.TarInfo(member[0])
+            if len(member) == 3:
+                info.type, info.linkname = member[1], member[2]
+                tar.addfile(info)
+            else:
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+
+
+def write_lines(path, lines: list[bytes]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+
+
+def read_all(source: SourceConfig, limits: ReadLimits = LIMITS):
+    return [r for unit in plan_units(source, 2) for r in read_unit(source, unit, limits)]
+
+
+def reasons(records) -> dict[str, str]:
+    return {r.location: r.reject.reason for r in records if r.reject}
+
+
+# ---------------------------------------------------------------- tests
+
+def test_source_config_checks_format_per_kind():
+    assert build(SourceConfig, {"name": "a", "kind": "pair", "format": "webdataset", "path": "x"}).format == "webdataset"
+    with pytest.raises(ParamsError, match="not a text format"):
+        build(SourceConfig, {"name": "a", "kind": "text", "format": "folder", "path": "x"})
+    with pytest.raises(FileNotFoundError, match="sources.gone.path"):
+        plan_units(SourceConfig("gone", "text", "txt", "/nonexistent/dir"), 1)
+
+
+def test_iter_lines_skips_an_overlong_line_without_losing_the_others(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"first\r\n" + b"x" * (3 << 20) + b"\n\n   \nlast without newline")
+    got = list(iter_lines(str(path), max_line_bytes=1000))
+    assert got[0] == (1, b"first", 5)
+    assert got[1] == (2, None, 3 << 20)       # reported with its length, never held
+    assert got[2] == (5, b"last without newline", 20)  # blank lines 3-4 are separators
+    assert len(got) == 3
+
+
+def test_text_txt_jsonl_parquet(tmp_path):
+    write_lines(tmp_path / "txt/a.txt", [b"one doc", b"\xff\xfe bad utf8", b"y" * 5000])
+    txt = read_all(SourceConfig("t", "text", "txt", str(tmp_path / "txt")))
+    assert [r.text for r in txt if not r.reject] == [b"one doc", b"\xff\xfe bad utf8"]  # decoded later
+    assert reasons(txt) == {f"{tmp_path}/txt/a.txt:3": "line_too_long"}
+
+    write_lines(tmp_path / "jsonl/sub/a.jsonl", [
+        json.dumps({"id": 1, "text": "hello"}).encode(), b"{not json", b"\xff{}", b"[1, 2]",
+        json.dumps({"txt": "wrong field"}).encode(), json.dumps({"text": 5}).encode()])
+    js = read_all(SourceConfig("j", "text", "jsonl", str(tmp_path / "jsonl")))
+    f = f"{tmp_path}/jsonl/sub/a.jsonl"
+    assert [r.text for r in js if not r.reject] == ["hello"]
+    assert reasons(js) == {f"{f}:2": "malformed_json", f"{f}:3": "invalid_utf8", f"{f}:4": "malformed_json",
+                           f"{f}:5": "missing_field", f"{f}:6": "bad_field_type"}
+
+    pq.write_table(pa.table({"text": ["p1", None, "p3"]}), tmp_path / "t.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "wrong.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    one = read_all(SourceConfig("p", "text", "parquet", str(tmp_path / "t.parquet")))
+    assert [r.text for r in one if not r.reject] == ["p1", "p3"]
+    assert reasons(one) == {f"{tmp_path}/t.parquet:row1": "missing_field"}
+    assert reasons(read_all(SourceConfig("p", "text", "parquet", str(tmp_path / "wrong.parquet")))) == {
+        f"{tmp_path}/wrong.parquet": "missing_field"}
+    assert reasons(read_all(SourceConfig("p", "text", "parquet", str(tmp_path / "junk.parquet")))) == {
+        f"{tmp_path}/junk.parquet": "unreadable_file"}
+
+
+def test_image_folder_is_recursive_and_confined(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "a/b").mkdir(parents=True)
+    (root / "a/b/deep.png").write_bytes(png())
+    (root / "top.JPG").write_bytes(png())        # extension case does not matter; decoding decides
+    (root / "notes.txt").write_text("not an image")
+    (tmp_path / "secret.png").write_bytes(png())
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    recs = read_all(SourceConfig("i", "image", "folder", str(root)))
+    assert sorted(os.path.relpath(r.location, root) for r in recs if not r.reject) == ["a/b/deep.png", "top.JPG"]
+    assert reasons(recs) == {f"{root}/notes.txt": "unsupported_extension", f"{root}/link.png": "path_escape"}
+    assert len(plan_units(SourceConfig("i", "image", "folder", str(root)), 2)) == 2  # 4 files, 2 per unit
+
+
+def test_pair_jsonl_resolves_relative_paths_and_rejects_escapes(tmp_path):
+    root = tmp_path / "pairs"
+    (root / "img").mkdir(parents=True)
+    (root / "img/ok.png").write_bytes(png())
+    (tmp_path / "outside.png").write_bytes(png())
+    rows = [{"image": "img/ok.png", "caption": "a red box"}, {"image": "../outside.png", "caption": "c"},
+            {"image": str(tmp_path / "outside.png"), "caption": "c"}, {"image": "img/missing.png", "caption": "c"},
+            {"image": "img/ok.png"}, {"image": "img/../../outside.png", "caption": "c"}]
+    write_lines(root / "captions.jsonl", [json.dumps(r).encode() for r in rows])
+    recs = read_all(SourceConfig("p", "pair", "jsonl", str(root / "captions.jsonl")))
+    f = f"{root}/captions.jsonl"
+    assert [(r.text, r.image == png()) for r in recs if not r.reject] == [("a red box", True)]
+    assert reasons(recs) == {f"{f}:2": "path_escape", f"{f}:3": "path_escape", f"{f}:4": "missing_file",
+                             f"{f}:5": "missing_field", f"{f}:6": "path_escape"}
+
+
+def test_escapes_names():
+    assert escapes("a/b.jpg") is None and escapes("a..b.jpg") is None
+    for bad in ("../x", "a/../../x", "/etc/passwd", "C:\\x", "s3://b/k", "a\\..\\x", ""):
+        assert escapes(bad), bad
+
+
+def test_webdataset_groups_keys_and_rejects_unsafe_members(tmp_path):
+    tar = tmp_path / "wds/00000.tar"
+    write_tar(tar, [
+        ("000.jpg", png()), ("000.txt", b"a caption"), ("000.json", b"{}"),
+        ("../evil.txt", b"x"), ("/abs/evil.jpg", png()),
+        ("link.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+        ("001.png", png()),                       # no caption
+        ("002.txt", b"caption only"),             # no image
+        ("sub/003.webp", png()), ("sub/003.txt", b"nested key"),
+    ])
+    pairs = read_all(SourceConfig("w", "pair", "webdataset", str(tmp_path / "wds")))
+    t = str(tar)
+    assert [(r.location, r.text) for r in pairs if not r.reject] == [(f"{t}:000", b"a caption"), (f"{t}:sub/003", b"nested key")]
+    assert reasons(pairs) == {f"{t}:../evil.txt": "path_escape", f"{t}:/abs/evil.jpg": "path_escape",
+                              f"{t}:link.jpg": "unsafe_member", f"{t}:001": "missing_caption", f"{t}:002": "missing_image"}
+    images = read_all(SourceConfig("w", "image", "webdataset", str(tmp_path / "wds")))
+    assert [r.location for r in images if not r.reject] == [f"{t}:000", f"{t}:001", f"{t}:sub/003"]
+
+
+def test_webdataset_truncated_and_not_a_tar(tmp_path):
+    write_tar(tmp_path / "full.tar", [(f"{i:03d}.{e}", png() if e == "jpg" else b"cap") for i in range(4) for e in ("jpg", "txt")])
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "wds").mkdir()
+    (tmp_path / "wds/a.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "wds/b.tar").write_bytes(os.urandom(3000))
+    (tmp_path / "wds/c.tar").write_bytes(b"")
+    recs = read_all(SourceConfig("w", "pair", "webdataset", str(tmp_path / "wds")))
+    got = reasons(recs)
+    assert got[f"{tmp_path}/wds/a.tar:"] == "truncated_archive"
+    assert got[f"{tmp_path}/wds/b.tar:"] == "unreadable_file"
+    assert got[f"{tmp_path}/wds/c.tar:"] == "unreadable_file"
+    assert sum(not r.reject for r in recs) >= 1  # what came before the break is kept
+
+
+def test_parquet_images_and_pairs(tmp_path):
+    pq.write_table(pa.table({"image": [png(), None]}), tmp_path / "img.parquet")
+    hf = pa.array([{"bytes": png(), "path": "x.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": hf}), tmp_path / "hf.parquet")
+    pq.write_table(pa.table({"image": [png()], "caption": ["a caption"]}), tmp_path / "pair.parquet")
+    imgs = read_all(SourceConfig("i", "image", "parquet", str(tmp_path / "img.parquet")))
+    assert [r.image == png() for r in imgs if not r.reject] == [True]
+    assert reasons(imgs) == {f"{tmp_path}/img.parquet:row1": "missing_field"}
+    assert read_all(SourceConfig("h", "image", "parquet", str(tmp_path / "hf.parquet")))[0].image == png()
+    (pair,) = read_all(SourceConfig("p", "pair", "parquet", str(tmp_path / "pair.parquet")))
+    assert pair.text == "a caption" and pair.image == png()
+
+
+def test_file_size_limit(tmp_path):
+    (tmp_path / "big.png").write_bytes(png() + b"\0" * 5000)
+    (rec,) = read_all(SourceConfig("i", "image", "folder", str(tmp_path)), ReadLimits(max_file_bytes=1000, max_line_bytes=10))
+    assert rec.reject.reason == "file_too_large"
+
+
+@pytest.mark.slow
+def test_readers_on_s3(s3_env, tmp_path):
+    base = "s3://beit3/sources-test"
+    storage.write_bytes(f"{base}/text/a.jsonl", b'{"text": "from s3"}\n{bad\n')
+    write_tar(tmp_path / "p.tar", [("k.jpg", png()), ("k.txt", b"s3 caption"), ("../x.txt", b"no")])
+    storage.write_bytes(f"{base}/pairs/00000.tar", (tmp_path / "p.tar").read_bytes())
+    storage.write_bytes(f"{base}/pj/img/a.png", png())
+    storage.write_bytes(f"{base}/pj/c.jsonl", b'{"image": "img/a.png", "caption": "x y"}\n{"image": "../a.png", "caption": "x y"}\n')
+    text = read_all(SourceConfig("t", "text", "jsonl", f"{base}/text"))
+    assert [r.text for r in text if not r.reject] == ["from s3"] and list(reasons(text).values()) == ["malformed_json"]
+    pairs = read_all(SourceConfig("p", "pair", "webdataset", f"{base}/pairs"))
+    assert [r.text for r in pairs if not r.reject] == [b"s3 caption"] and list(reasons(pairs).values()) == ["path_escape"]
+    pj = read_all(SourceConfig("j", "pair", "jsonl", f"{base}/pj/c.jsonl"))
+    assert [r.image == png() for r in pj if not r.reject] == [True] and list(reasons(pj).values()) == ["path_escape"]
