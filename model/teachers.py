@@ -85,10 +85,12 @@ class HOGTeacher(nn.Module):
 class FrozenViTTeacher(nn.Module):
     """A frozen ViT whose patch tokens are the targets. Accepted files (local path):
 
-    1. A TorchScript archive (``torch.jit.save``; e.g. a scripted/traced wrapper around
-       CLIP or DINO). It is called on images resized to ``input_size`` and normalised
-       with ``mean``/``std`` and must return token features (B, T, D) - if T is a square
-       plus one, the first (cls) token is dropped - or a feature map (B, D, h, w).
+    1. A whole network: a ``torch.export`` program (``torch.export.save``, ``.pt2``) or
+       a TorchScript archive (``torch.jit.save``), e.g. a wrapper around CLIP or DINO
+       that returns patch tokens. It is called on images resized to ``input_size`` and
+       normalised with ``mean``/``std`` (ImageNet by default) and must return token
+       features (B, T, D) - if T is a square plus one, the first (cls) token is
+       dropped - or a feature map (B, D, h, w). Export with a dynamic batch dimension.
     2. A timm / DINO / DeiT style ViT state dict: ``.safetensors``, or a ``torch.load``
        file (``weights_only=True``) holding the weights at the top level or under
        'model', 'state_dict' or 'teacher' (DINO), with keys ``patch_embed.proj.*``,
@@ -110,25 +112,26 @@ class FrozenViTTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
-        self.eval()
+        self.training = False
 
     @classmethod
     def from_path(cls, path: str, grid: int, input_size: int | None = None, num_heads: int | None = None,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "FrozenViTTeacher":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-        if _is_torchscript(path):
-            net = torch.jit.load(path, map_location="cpu")
+        net = _load_program(path)
+        if net is not None:
             if input_size is None:
-                raise ValueError("a TorchScript teacher needs input_size (its expected image size)")
+                raise ValueError("a torch.export / TorchScript teacher needs input_size (its image size)")
             with torch.no_grad():
                 dim = _tokens_to_grid(net(torch.zeros(1, 3, input_size, input_size)), grid).shape[-1]
             return cls(net, dim, grid, input_size, mean, std)
-        net = vit_from_timm_state(_read_state(path), num_heads=num_heads)
+        net = vit_from_timm_state(_read_state(path), num_heads=num_heads).eval()
         return cls(net, net.fc_norm.weight.shape[0], grid, input_size or net.image_size, mean, std)
 
-    def train(self, mode: bool = True):  # always frozen
-        return super().train(False)
+    def train(self, mode: bool = True):
+        """Always frozen in eval mode; the net was put in eval mode (or exported so) at load."""
+        return self
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -187,14 +190,20 @@ def _tokens_to_grid(out: torch.Tensor, grid: int) -> torch.Tensor:
     return fmap.flatten(2).transpose(1, 2)
 
 
-def _is_torchscript(path: str) -> bool:
+def _load_program(path: str):
+    """A torch.export program or TorchScript archive at ``path`` as a callable; None if neither."""
     import zipfile
 
     if not zipfile.is_zipfile(path):
-        return False
+        return None
     with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") or n.endswith("/code/__torch__.py") or "/code/" in n
-                   for n in z.namelist())
+        names = z.namelist()
+    if any(n.split("/", 1)[-1].startswith("models/") or n.endswith("serialized_exported_program.json")
+           for n in names):
+        return torch.export.load(path).module()
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        return torch.jit.load(path, map_location="cpu").eval()
+    return None
 
 
 def _read_state(path: str) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
 """clean stage: read every source, filter, dedup; write kept and rejected rows.
 
-Flow (one Ray Data job per run):
+Flow (one Ray session; three Ray Data executions):
 1. the driver lists each source and splits it into units (files, tars, chunks of
    image files); a missing source path fails here, before any work;
 2. map (Ray Data ``map_batches``, ``ray.cpus_per_task`` CPUs per task): read a
    unit, run every per-row step (pipelines.text_filters / image_filters),
    emit one row per input row, kept or rejected with a reason;
 3. global dedup on the driver over metadata columns only (pipelines.dedup);
-4. kept rows of each kind sorted by id (Ray Data sort) and streamed to
+4. kept rows sorted by (kind, id) in one Ray Data sort and streamed to
    ``out_dir/{text,image,pair}/part-NNNNN.parquet`` in parts of ``part_rows``;
    rejected rows to ``out_dir/rejected/`` in input order.
 
@@ -93,8 +93,9 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
     writer = PartWriter(staging, "rejected", cfg.part_rows)
     writer.add(rejected.select(REJECTED_SCHEMA.names))
     parts["rejected"] = writer.close()
+    metrics = _metrics(sources, meta, rejected, parts)  # raises, leaving out_dir untouched, unless it reconciles
     _publish(staging, cfg.out_dir)
-    return _metrics(sources, meta, rejected, parts)
+    return metrics
 
 
 def _map_rows(ray, units, sources, cfg, ray_cfg):

@@ -100,23 +100,27 @@ def finetune(model: RetrievalModel, data: RetrievalData, cfg, pad_id: int, seed:
 
 @torch.no_grad()
 def recall(model: RetrievalModel, data: RetrievalData, pad_id: int, device, chunk: int = 128) -> dict:
-    """i2t: an image is a hit at k if any of its captions is in its top k;
-    t2i: a caption is a hit at k if its image is in its top k."""
+    """Embed the held-out images and captions, then recall_at."""
     model.eval()
     img = torch.cat([model.embed_images(data.images[i:i + chunk].to(device)) for i in range(0, len(data.images), chunk)])
     txt = []
     for i in range(0, len(data.captions), chunk):
         ids, pad = pad_texts(data.captions[i:i + chunk], pad_id)
         txt.append(model.embed_texts(ids.to(device), pad.to(device)))
-    sims = img @ torch.cat(txt).t()                                   # (N_img, N_txt)
-    owner = data.caption_image.to(device)
+    return recall_at(img @ torch.cat(txt).t(), data.caption_image.to(img.device))
+
+
+def recall_at(sims: torch.Tensor, caption_image: torch.Tensor) -> dict:
+    """sims (N_img, N_txt) similarities; caption_image (N_txt,) the image of each caption.
+    i2t R@k: share of images with any of their captions among their top k captions;
+    t2i R@k: share of captions with their image among their top k images."""
     out = {}
+    images = torch.arange(sims.shape[0], device=sims.device)
     for k in RECALL_AT:
-        k_t = min(k, sims.shape[1])
-        top_txt = sims.topk(k_t, dim=1).indices                        # (N_img, k)
-        i2t = (owner[top_txt] == torch.arange(len(img), device=device)[:, None]).any(1)
+        top_txt = sims.topk(min(k, sims.shape[1]), dim=1).indices      # (N_img, k)
+        i2t = (caption_image[top_txt] == images[:, None]).any(1)
         top_img = sims.t().topk(min(k, sims.shape[0]), dim=1).indices  # (N_txt, k)
-        t2i = (top_img == owner[:, None]).any(1)
+        t2i = (top_img == caption_image[:, None]).any(1)
         out[f"i2t_r{k}"] = round(float(i2t.float().mean()), 4)
         out[f"t2i_r{k}"] = round(float(t2i.float().mean()), 4)
     out["mean_r1"] = round((out["i2t_r1"] + out["t2i_r1"]) / 2, 4)

@@ -4,6 +4,8 @@ Order matters for safety: the declared canvas size is checked against
 ``max_pixels`` right after the header is parsed and before any pixel is
 decoded, so a 1 KB PNG declaring 100k x 100k pixels costs nothing (Pillow's own
 DecompressionBombError, at twice its global limit, is reported the same way).
+Size and aspect are checked from the header too (both are unchanged by an
+EXIF rotation), so too-small or extreme images are never decoded.
 
 Output encoding: PNG by default. It is lossless, so the stored bytes decode to
 exactly the pixels whose hash is the row's id, later stages never stack JPEG
@@ -124,13 +126,14 @@ def to_rgb(im: Image.Image, cfg=None) -> Image.Image:
     return im.convert("RGB")
 
 
-def geometry(im: Image.Image, cfg: ImageFilterConfig) -> Image.Image:
-    w, h = im.size
+def geometry(opened: tuple[bytes, Image.Image], cfg: ImageFilterConfig) -> tuple[bytes, Image.Image]:
+    """Shorter side and aspect ratio, from the header (both unchanged by EXIF rotation)."""
+    w, h = opened[1].size
     if min(w, h) < cfg.min_side:
         raise Reject("too_small", f"{w}x{h}: shorter side < min_side {cfg.min_side}")
     if max(w, h) / min(w, h) > cfg.max_aspect:
         raise Reject("extreme_aspect", f"{w}x{h}: aspect {max(w, h) / min(w, h):.1f} > max_aspect {cfg.max_aspect}")
-    return im
+    return opened
 
 
 def resize(im: Image.Image, cfg: ImageFilterConfig) -> Image.Image:
@@ -165,7 +168,7 @@ def encode(im: Image.Image, cfg: ImageFilterConfig) -> CleanImage:
     )
 
 
-IMAGE_STEPS = (("open", open_checked), ("decode", decode), ("convert", to_rgb),
-               ("geometry", geometry), ("resize", resize), ("encode", encode))
+IMAGE_STEPS = (("open", open_checked), ("geometry", geometry), ("decode", decode),
+               ("convert", to_rgb), ("resize", resize), ("encode", encode))
 
 __all__ = ["ImageFilterConfig", "CleanImage", "IMAGE_STEPS", "ALLOWED_FORMATS"]

@@ -22,6 +22,7 @@ recorded sha256 and rewrites only the rest. ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import time
@@ -39,11 +40,11 @@ from pipelines import storage
 from pipelines.configs import check, to_dict
 from pipelines.ray_session import RayConfig, ray_session
 from pipelines.schema import MODALITIES, SHARD_SCHEMA, check_schema
+from pipelines.tokenize import TOKENIZERS, remove_temp_files
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 SPILL = ".spill"
-TOKENIZERS = "tokenizers.json"  # written by the tokenize stage beside its parts
 SPLITS = ("train", "val")
 POS = "__pos"
 
@@ -99,6 +100,7 @@ def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict
     if todo:
         with ray_session(ray_cfg) as ray:
             _run(ray, cfg, ray_cfg, plan, todo, done)
+    _delete(storage.join(cfg.out_dir, SPILL))  # also a killed run's, when nothing was left to do
     manifest = build_manifest(cfg, plan, tokenizers, done)
     storage.write_json(storage.join(cfg.out_dir, MANIFEST), manifest)
     _delete(storage.join(cfg.out_dir, PARTIAL))
@@ -116,11 +118,15 @@ def make_plan(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Plan:
     part_of, row_of, key_of, is_val, fp = [], [], [], [], hashlib.sha256()
     fp.update(json.dumps([to_dict(cfg) | {"out_dir": None}, tokenizers], sort_keys=True).encode())
     for j, path in enumerate(parts):
-        ids = storage.read_parquet(path, columns=["id"]).column("id").to_pylist()
+        table = storage.read_parquet(path, columns=["id"])
+        ids = table.column("id").to_pylist()
         digests = b"".join(hashlib.blake2b(f"{cfg.seed}\0{i}".encode(), digest_size=16).digest() for i in ids)
         words = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+        # A part's identity without reading its images: name, size, ids and its metadata
+        # (tokenize stores there a fingerprint of the part's input, tokenizers and params).
         rel = "/".join(path.rsplit("/", 2)[-2:])
-        fp.update(f"{rel}\0{_size(path)}\0".encode() + digests)
+        metadata = sorted((table.schema.metadata or {}).items())
+        fp.update(f"{rel}\0{_size(path)}\0{metadata}\0".encode() + digests)
         part_of.append(np.full(len(ids), j, np.int32))
         row_of.append(np.arange(len(ids), dtype=np.int32))
         key_of.append(words[:, 1])
@@ -173,16 +179,15 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
         if time.time() - last_write > 1.0 or n == len(jobs):  # bounded manifest rewriting
             _write_partial(cfg.out_dir, plan, done)
             last_write = time.time()
-    _delete(spill_dir)
 
 
 def _bounded(ray, limit: int, jobs: dict, task):
     """Run ``task.remote(*args)`` for each ``key: args`` with at most ``limit`` in flight;
     yields (key, result) in completion order."""
-    queue, pending = list(jobs.items()), {}
+    queue, pending = collections.deque(jobs.items()), {}
     while queue or pending:
         while queue and len(pending) < limit:
-            key, args = queue.pop(0)
+            key, args = queue.popleft()
             pending[task.remote(*args)] = key
         ready, _ = ray.wait(list(pending), num_returns=1)
         yield pending.pop(ready[0]), ray.get(ready[0])
@@ -276,12 +281,13 @@ def _write_partial(out_dir: str, plan: Plan, done: dict) -> None:
 
 
 def _remove_stale(out_dir: str, keep: set[str]) -> None:
-    """Delete shard files (and temp files of killed writes) that are not finished shards of this plan."""
+    """Delete shard files that are not finished shards of this plan, and temp files of killed writes."""
     for split in SPLITS:
         base = storage.join(out_dir, split)
         for path in storage.list_files(base):
             if f"{split}/{path[len(base) + 1:]}" not in keep:
                 _delete(path)
+    remove_temp_files(out_dir)
 
 
 def _delete(path: str) -> None:

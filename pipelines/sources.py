@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -32,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.archive import escapes, tar_members, wds_key
 from pipelines.configs import check
 from pipelines.rejects import Reject
 
@@ -104,17 +103,6 @@ def _root(source: SourceConfig) -> str:
     if fs.get_file_info(p).type == pafs.FileType.File:
         return posixpath.dirname(str(source.path).rstrip("/"))
     return str(source.path)
-
-
-def escapes(name: str) -> str | None:
-    """Why a relative name (JSONL image path, tar member) would leave its folder, or None."""
-    if not name:
-        return "empty name"
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) or "://" in name:
-        return f"absolute name {name!r}"
-    if ".." in re.split(r"[\\/]+", name):
-        return f"name {name!r} climbs out with '..'"
-    return None
 
 
 def _confine(source: SourceConfig, path: str) -> None:
@@ -311,61 +299,6 @@ def _image_folder(source, path, limits):
 
 # ---------------------------------------------------------------- webdataset
 
-class _TailStream:
-    """A read-only stream that remembers the last bytes read (to check a tar's end marker)."""
-
-    def __init__(self, stream):
-        self.stream, self.head, self.tail = stream, b"", b""
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.head = self.head or data[:2]
-        self.tail = (self.tail + data)[-1024:]
-        return data
-
-
-def _tar_members(path: str, limits: ReadLimits) -> Iterator[tuple[str, bytes | Reject]]:
-    """(member name, bytes) of the regular files of a tar, or (name, Reject) for unsafe ones."""
-    fs, p = storage.filesystem(path)
-    seen = 0
-    try:
-        with fs.open_input_stream(p) as raw:
-            stream = _TailStream(raw)
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    seen += 1
-                    yield from _tar_member(tar, member, limits)
-            # tarfile stops quietly when a cut falls between members; a whole tar ends with
-            # zero blocks (checked for uncompressed tars only: gzip starts with 1f 8b).
-            stream.read(CHUNK_BYTES)  # the rest of the last record (padding), as far as 1 MiB
-            if stream.head != b"\x1f\x8b" and stream.tail.strip(b"\0"):
-                yield "", Reject("truncated_archive", "ends without the tar end-of-archive blocks")
-    except (tarfile.TarError, OSError, EOFError) as err:
-        # Nothing readable at all: not a tar (or empty); otherwise it broke off part-way.
-        reason = "truncated_archive" if seen else "unreadable_file"
-        yield "", Reject(reason, f"{type(err).__name__}: {err}")
-
-
-def _tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limits: ReadLimits):
-    if member.isdir():
-        return
-    if why := escapes(member.name):
-        yield member.name, Reject("path_escape", f"tar member: {why}")
-    elif not member.isfile():
-        yield member.name, Reject("unsafe_member", "tar member is a link or device, not a file")
-    elif member.size > limits.max_file_bytes:
-        yield member.name, Reject("file_too_large", f"{member.size} bytes > max_file_mb")
-    else:
-        yield member.name, tar.extractfile(member).read()
-
-
-def _wds_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: key = the path up to the first dot of the basename."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem), ext.lower()
-
-
 def _webdataset_reader(kind: str):
     def read(source, path, limits):
         try:
@@ -374,12 +307,12 @@ def _webdataset_reader(kind: str):
             yield Record(path, reject=rej, raw=path.encode())
             return
         key, group = None, {}
-        for name, data in _tar_members(path, limits):
+        for name, data in tar_members(path, limits.max_file_bytes):
             if isinstance(data, Reject):
                 yield Record(f"{path}:{name}", reject=data, raw=f"{path}:{name}".encode())
                 continue
-            k, ext = _wds_key(name)
-            if k != key and group:
+            k, ext = wds_key(name)
+            if group and (k != key or ext in group):  # a repeated member starts a new row
                 yield _wds_record(path, key, group, kind)
                 group = {}
             key = k

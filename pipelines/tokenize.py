@@ -40,7 +40,8 @@ from pipelines.ray_session import RayConfig, ray_session
 from pipelines.schema import MODALITIES, shard_table
 
 TOKENIZERS = "tokenizers.json"
-FINGERPRINT_KEY = b"beit3.tokenize.fingerprint"
+METADATA_KEY = b"beit3.tokenize"
+STAT_KEYS = ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts", "truncated_captions", "images")
 VISUAL_FILES = ("config.json", "model.safetensors")
 
 
@@ -70,14 +71,15 @@ def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str
     start = time.time()
     tokenizers = tokenizer_info(text_tokenizer_dir, visual_tokenizer_dir)
     base = json.dumps([tokenizers, to_dict(cfg) | {"out_dir": None, "num_actors": None}], sort_keys=True)
-    jobs, skipped, expected = [], 0, set()
+    jobs, finished, expected = [], [], set()
     for kind in MODALITIES:
         for path in storage.list_files(storage.join(clean_dir, kind), ".parquet"):
             out = storage.join(cfg.out_dir, kind, path.rsplit("/", 1)[-1])
             expected.add(out)
             fingerprint = storage.sha256(f"{base}\0{kind}\0{storage.sha256_file(path)}".encode())
-            if _fingerprint(out) == fingerprint:
-                skipped += 1
+            previous = _part_metadata(out)
+            if previous.get("fingerprint") == fingerprint:
+                finished.append(previous["stats"])
             else:
                 jobs.append({"kind": kind, "path": path, "out": out, "fingerprint": fingerprint})
     if not expected:
@@ -85,16 +87,15 @@ def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str
     _remove_stale(cfg.out_dir, expected)
     stats = _run(cfg, ray_cfg, jobs, text_tokenizer_dir, visual_tokenizer_dir) if jobs else []
     storage.write_json(storage.join(cfg.out_dir, TOKENIZERS), tokenizers)
-    metrics = {"parts": len(expected), "parts_done": len(jobs), "parts_skipped": skipped,
+    metrics = {"parts": len(expected), "parts_done": len(jobs), "parts_skipped": len(finished),
                "seconds": round(time.time() - start, 2)}
-    for key in ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts",
-                "truncated_captions", "images"):
+    for key in STAT_KEYS:  # over every output part, finished in this run or before
         for kind in MODALITIES:
-            total = sum(s[key] for s in stats if s["kind"] == kind)
+            total = sum(s[key] for s in stats + finished if s["kind"] == kind)
             if total:
                 metrics[f"{kind}_{key}"] = total
     images = sum(s["images"] for s in stats)
-    metrics["images_per_s"] = round(images / max(sum(s["seconds"] for s in stats), 1e-9), 1)
+    metrics["images_per_s_per_actor"] = round(images / max(sum(s["seconds"] for s in stats), 1e-9), 1)
     return metrics
 
 
@@ -147,12 +148,12 @@ class PartTokenizer:
             rows, stats = self.texts(job["path"])
         else:
             rows, stats = self.images(job["path"], with_captions=job["kind"] == "pair")
-        table = shard_table(rows).replace_schema_metadata({FINGERPRINT_KEY: job["fingerprint"].encode()})
+        stats = {"kind": job["kind"], **dict.fromkeys(STAT_KEYS, 0), **stats, "rows_out": len(rows["id"])}
+        # the part's own record: rerun skips it when the fingerprint matches, metrics reuse stats
+        record = json.dumps({"fingerprint": job["fingerprint"], "stats": stats}, sort_keys=True)
+        table = shard_table(rows).replace_schema_metadata({METADATA_KEY: record.encode()})
         storage.write_parquet(table, job["out"])
-        stats = {"kind": job["kind"], "rows_out": table.num_rows, "text_tokens": 0, "chunked_docs": 0,
-                 "empty_texts": 0, "truncated_captions": 0, "images": 0, **stats,
-                 "seconds": time.time() - start}
-        return {k: [v] for k, v in stats.items()}
+        return {k: [v] for k, v in {**stats, "seconds": time.time() - start}.items()}
 
     def texts(self, path: str) -> tuple[dict, dict]:
         table = storage.read_parquet(path, columns=["id", "text", "source"])
@@ -233,17 +234,17 @@ def _append(rows: dict, sample_id, modality, text_ids, image, visual_tokens, sou
         rows[key].append(value)
 
 
-def _fingerprint(path: str) -> str | None:
-    """The fingerprint stored in a finished output part, or None if there is none."""
+def _part_metadata(path: str) -> dict:
+    """{"fingerprint", "stats"} stored in a finished output part; {} if none (or unreadable)."""
     if not storage.exists(path):
-        return None
+        return {}
     fs, p = storage.filesystem(path)
     try:
         with fs.open_input_file(p) as f:
-            metadata = pq.read_schema(f).metadata or {}
+            record = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
+        return json.loads(record) if record else {}
     except (OSError, ValueError):  # unreadable leftovers are redone
-        return None
-    return metadata.get(FINGERPRINT_KEY, b"").decode() or None
+        return {}
 
 
 def _remove_stale(out_dir: str, expected: set[str]) -> None:
@@ -254,3 +255,15 @@ def _remove_stale(out_dir: str, expected: set[str]) -> None:
                 fs, p = storage.filesystem(path)
                 if fs.get_file_info(p).type == pafs.FileType.File:
                     fs.delete_file(p)
+    remove_temp_files(out_dir)
+
+
+def remove_temp_files(folder: str) -> None:
+    """Delete ``*.tmp-*`` files directly in ``folder`` (left by storage.write_* when killed)."""
+    fs, p = storage.filesystem(folder)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(p)):
+        if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
+            fs.delete_file(info.path)
+

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from model.safe_load import load_torch_checkpoint
 from model.task import PART_KEYS
 from pipelines import pretrain_model as pm
 from pipelines.pretrain_data import MixedStream, StepLoader, mix_seed
@@ -55,14 +55,6 @@ def param_groups(task: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-
-
-def load_tensors(path: str):
-    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused to load, it is not a plain tensor checkpoint: {err}") from err
 
 
 def _distributed() -> bool:
@@ -125,7 +117,7 @@ class PretrainLoop:
         if state["run_name"] != self.job["run_name"]:
             raise ValueError(f"checkpoint {directory} belongs to run {state['run_name']}, "
                              f"not {self.job['run_name']}")
-        optim = load_tensors(os.path.join(directory, "optimizer.pt"))
+        optim = load_torch_checkpoint(os.path.join(directory, "optimizer.pt"))  # weights_only
         set_state_dict(self.model, self.optimizer, model_state_dict=pm.load_task_state(directory),
                        optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
         self.step = self.resumed_from = int(state["step"])

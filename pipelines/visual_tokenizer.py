@@ -93,6 +93,7 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
     from model.vqkd_train import VQKDTrainConfig, train_vqkd
 
     torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)  # the model's initial weights: same params, same tokenizer
     device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
     model, teacher = _model_and_teacher(cfg)
     size = model.config.image_size

@@ -1,12 +1,13 @@
 """dvc stage `visual_tokenizer`: load params once, run pipelines.visual_tokenizer, write metrics/visual_tokenizer.json."""
 from pipelines.metrics import write_metrics
 from pipelines.params import load_params
+from pipelines.visual_tokenizer import train_visual_tokenizer
 
 
 def main() -> None:
     params = load_params()
-    raise NotImplementedError("stage visual_tokenizer is being built")  # replaced by the stage's owner
-    write_metrics("visual_tokenizer", {})
+    metrics = train_visual_tokenizer(params.visual_tokenizer, params.clean.out_dir, params.ray)
+    write_metrics("visual_tokenizer", metrics)
 
 
 if __name__ == "__main__":

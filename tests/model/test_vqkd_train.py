@@ -135,22 +135,33 @@ def test_vit_teacher_from_timm_state_dict(tmp_path):
     assert coarse.shape == (2, 4, 64)
 
 
-def test_vit_teacher_from_torchscript_trains(tmp_path):
-    class Tokens(torch.nn.Module):  # any network returning (B, 1 + N, D) tokens
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Conv2d(3, 24, 8, 8)
+class PatchTokens(torch.nn.Module):  # any network returning (B, 1 + N, D) tokens
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 24, 8, 8)
 
-        def forward(self, x):
-            t = self.proj(x).flatten(2).transpose(1, 2)
-            return torch.cat((t.mean(1, keepdim=True), t), dim=1)
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        return torch.cat((t.mean(1, keepdim=True), t), dim=1)
 
-    path = tmp_path / "teacher.pt"
-    torch.jit.save(torch.jit.trace(Tokens(), torch.rand(1, 3, 32, 32)), str(path))
+
+@pytest.mark.parametrize("fmt", ["export", "torchscript"])
+def test_vit_teacher_from_a_whole_network_trains(tmp_path, fmt):
+    net, example = PatchTokens().eval(), torch.rand(2, 3, 32, 32)
+    path = tmp_path / "teacher.pt2"
+    if fmt == "export":
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, str(path))
+    else:
+        torch.jit.save(torch.jit.script(net), str(path))
     teacher = build_teacher("vit", grid=2, patch_size=16, checkpoint=str(path), input_size=32)
     assert teacher.dim == 24
-    feats, _ = teacher(torch.rand(3, 3, 32, 32))
+    x = torch.rand(3, 3, 32, 32)
+    feats, _ = teacher(x)
+    expected = net((x - teacher.mean) / teacher.std)[:, 1:]  # cls token dropped, 4x4 -> 2x2 grid
     assert feats.shape == (3, 4, 24)
+    assert torch.allclose(feats, F.avg_pool2d(expected.transpose(1, 2).reshape(3, 24, 4, 4), 2)
+                          .flatten(2).transpose(1, 2), atol=1e-5)
     model = VQKD(vqkd_preset("tiny", image_size=32, n_codes=16, out_dim=24))
     logs = train_vqkd(model, teacher, random_batches(8, 32, 4),
                       VQKDTrainConfig(steps=4, warmup_steps=2, lr_warmup_steps=1))

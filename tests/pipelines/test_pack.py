@@ -5,6 +5,10 @@ import hashlib
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +18,7 @@ from pipelines.pack import PackConfig, pack_shards
 from pipelines.ray_session import RayConfig
 from pipelines.schema import SHARD_SCHEMA, shard_table
 from tests.pipelines.test_text_tokenizer import png
+from tests.project import PROJECT_ROOT, project_env
 
 RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)
 TOKENIZERS = {"text": {"sha256": "a" * 64, "vocab_size": 300}, "visual": {"sha256": "b" * 64}}
@@ -136,3 +141,47 @@ def test_bad_part_schema_is_a_clear_error(ray_local, tmp_path):
     pq.write_table(table, tokenized / "text" / "part-00001.parquet")
     with pytest.raises(Exception, match="is not the shard schema"):
         pack_shards(PackConfig(out_dir=str(tmp_path / "out")), str(tokenized), RAY)
+
+
+def kill_when(code: str, ready, timeout: float = 300) -> bool:
+    """Run ``code`` in a fresh Python (its own local Ray); SIGKILL its whole process group as
+    soon as ``ready()``. Returns whether it was still running when killed."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=project_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.02)
+    running = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return running
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_point", ["scatter", "gather"])
+def test_sigkill_then_rerun_gives_the_same_shards(ray_local, tokenized, tmp_path, kill_point):
+    cfg = dict(shard_rows=3, val_fraction=0.2)
+    pack_shards(PackConfig(out_dir=str(tmp_path / "reference"), **cfg), tokenized, RAY)
+    out = tmp_path / "killed"
+    code = (f"from pipelines.pack import PackConfig, pack_shards; from pipelines.ray_session import RayConfig; "
+            f"pack_shards(PackConfig(out_dir={str(out)!r}, **{cfg!r}), {tokenized!r}, RayConfig(num_cpus=4))")
+    spill, train = out / ".spill", out / "train"
+    ready = {"scatter": lambda: spill.exists() and any(spill.iterdir()),
+             "gather": lambda: train.exists() and any(p.suffix == ".parquet" for p in train.iterdir())}[kill_point]
+    assert kill_when(code, ready), "pack finished before the kill point"
+    assert not (out / "manifest.json").exists()  # a killed run never shows a final manifest
+
+    metrics = pack_shards(PackConfig(out_dir=str(out), **cfg), tokenized, RAY)
+    assert shard_files(out) == shard_files(tmp_path / "reference")
+    assert metrics["shards_written"] + metrics["shards_reused"] == metrics["shards"]
+
+
+def test_config_values_are_checked():
+    from pipelines.configs import ParamsError, build
+
+    with pytest.raises(ParamsError, match="pack.shard_rows"):
+        build(PackConfig, {"shard_rows": 0}, "pack")
+    with pytest.raises(ParamsError, match="pack.compression: 'brotli' is not allowed"):
+        build(PackConfig, {"compression": "brotli"}, "pack")
+    with pytest.raises(ParamsError, match="pack.shards: unknown key"):
+        build(PackConfig, {"shards": 3}, "pack")

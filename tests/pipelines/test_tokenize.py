@@ -120,6 +120,7 @@ def test_rerun_skips_finished_parts(inputs, tmp_path):
 
     metrics = run(inputs, out)
     assert metrics["parts_done"] == 1 and metrics["parts_skipped"] == 5
+    assert metrics["image_rows_out"] == 5 and metrics["pair_rows_out"] == 6  # counts cover skipped parts
     assert parts(out) == reference and not (out / "pair" / "part-00000.parquet.tmp-dead").exists()
     assert all(os.stat(out / n).st_mtime_ns == t for n, t in mtimes.items() if n != "image/part-00001.parquet")
 

@@ -1,0 +1,125 @@
+"""visual_tokenizer stage: train (or load) a VQ-KD tokenizer from the cleaned images, in Ray."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model.vqkd import VQKD
+from pipelines.configs import ParamsError, build
+from pipelines.demo_data import render_scene
+from pipelines.ray_session import RayConfig
+from pipelines.visual_tokenizer import (HISTORY_FILE, VisualTokenizerConfig, read_images,
+                                        train_visual_tokenizer)
+from tests.model.test_vqkd import images, save_official, small_model
+
+RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_clean_images(root, n_images: int, n_pairs: int, seed: int = 0) -> str:
+    """clean-stage layout: image/ and pair/ Parquet parts with id + image bytes."""
+    rng = random.Random(seed)
+    for kind, n in (("image", n_images), ("pair", n_pairs)):
+        if n == 0:
+            continue
+        rows = []
+        for _ in range(n):
+            image, _, caption = render_scene(rng, 96)
+            data = png(image)
+            row = {"id": hashlib.sha256(data).hexdigest(), "image": data, "width": 96, "height": 96,
+                   "source": f"demo_{kind}"}
+            rows.append({**row, "caption": caption} if kind == "pair" else row)
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / kind / "part-00000.parquet")
+    return str(root)
+
+
+def write_probe_folder(root, per_split: dict[str, int], seed: int = 1) -> str:
+    rng = random.Random(seed)
+    for split, n in per_split.items():
+        for i in range(n):
+            image, labels, _ = render_scene(rng, 96, num_objects=1)
+            path = root / split / labels["shape"] / f"{split}-{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png(image))
+    return str(root)
+
+
+def test_trains_saves_and_reports(tmp_path, ray_local):
+    clean = write_clean_images(tmp_path / "clean", n_images=40, n_pairs=40)
+    probe = write_probe_folder(tmp_path / "probe", {"train": 24, "val": 12})
+    cfg = VisualTokenizerConfig(out_dir=str(tmp_path / "vt"), steps=30, warmup_steps=10, batch_size=16,
+                                holdout=20, probe_dir=probe, num_threads=1)
+    metrics = train_visual_tokenizer(cfg, clean, RAY)
+
+    model = VQKD.load(cfg.out_dir)
+    assert model.config.image_size == 96 and model.config.num_patches == 36
+    assert model.config.out_dim == 108  # sized to the HOG teacher
+    assert bool(model.quantize.embedding.initted)
+    history = json.loads((tmp_path / "vt" / HISTORY_FILE).read_text())
+    assert [h["step"] for h in history] == list(range(30))
+    assert {"loss", "rec_loss", "commit_loss", "utilisation", "perplexity"} <= set(history[-1])
+    assert metrics["trained"] and metrics["num_images"] == 80 and metrics["num_holdout_images"] == 20
+    assert metrics["num_train_images"] == 60 and metrics["undecodable_images"] == 0
+    assert 0 < metrics["holdout_utilisation"] <= 1 and metrics["holdout_perplexity"] >= 1
+    assert metrics["probe_classes"] == ["circle", "square", "triangle"]
+    assert 0 <= metrics["probe_accuracy"] <= 1 and metrics["probe_images"] == [24, 12]
+    assert metrics["train_cpu_seconds"] > 0
+
+    again = train_visual_tokenizer(cfg, clean, RAY)  # same data, params, seed: same tokenizer
+    assert again["holdout_utilisation"] == metrics["holdout_utilisation"]
+    x = images(3, size=96)
+    assert torch.equal(VQKD.load(cfg.out_dir).codes(x), model.codes(x))
+
+
+def test_pretrained_checkpoint_skips_training(tmp_path, ray_local):
+    clean = write_clean_images(tmp_path / "clean", n_images=6, n_pairs=0)
+    official = small_model(decoder_depth=3)  # 64 px official layout
+    save_official(official, tmp_path / "vqkd.pth")
+    cfg = VisualTokenizerConfig(out_dir=str(tmp_path / "vt"), pretrained=str(tmp_path / "vqkd.pth"),
+                                image_size=64, holdout=4, probe_dir=None)
+    metrics = train_visual_tokenizer(cfg, clean, RAY)
+    assert not metrics["trained"] and metrics["num_holdout_images"] == 4
+    assert metrics["probe_accuracy"] is None and "probe_note" in metrics
+    x = images(2)
+    assert torch.equal(VQKD.load(cfg.out_dir).codes(x), official.codes(x))
+
+    wrong = VisualTokenizerConfig(out_dir=str(tmp_path / "vt2"), pretrained=cfg.pretrained, image_size=96)
+    with pytest.raises(ValueError, match="set image_size: 64"):
+        train_visual_tokenizer(wrong, clean, RAY)
+
+
+def test_read_images_dedups_and_counts_undecodable(tmp_path):
+    clean = write_clean_images(tmp_path / "clean", n_images=5, n_pairs=3)
+    table = pq.read_table(tmp_path / "clean" / "image" / "part-00000.parquet")
+    broken = pa.Table.from_pylist([{"id": "bad", "image": b"not an image", "width": 1, "height": 1,
+                                    "source": "x"}])
+    pq.write_table(pa.concat_tables([table, broken]), tmp_path / "clean" / "image" / "part-00001.parquet")
+    parts = sorted(str(p) for p in (tmp_path / "clean").rglob("*.parquet"))
+    x, bad = read_images(parts, 96, seed=0, limit=100)
+    assert x.shape == (8, 3, 96, 96) and x.dtype == torch.uint8 and bad == 1  # duplicates read once
+    first, _ = read_images(parts, 96, seed=0, limit=100)
+    assert torch.equal(x, first)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ParamsError, match="visual_tokenizer.teacher_checkpoint"):
+        build(VisualTokenizerConfig, {"teacher": "vit"}, "visual_tokenizer")
+    with pytest.raises(ParamsError, match="visual_tokenizer.stepz: unknown key"):
+        build(VisualTokenizerConfig, {"stepz": 3}, "visual_tokenizer")
+    with pytest.raises(ParamsError, match="warmup_steps"):
+        build(VisualTokenizerConfig, {"steps": 10, "warmup_steps": 10}, "visual_tokenizer")
+    with pytest.raises(FileNotFoundError, match="no image"):
+        train_visual_tokenizer(VisualTokenizerConfig(out_dir=str(tmp_path / "o")), str(tmp_path), RAY)
