@@ -187,32 +187,35 @@ def demo_scenes(n: int, seed: int, num_objects=None):
 
 @pytest.mark.slow
 def test_tiny_hog_tokenizer_learns_a_used_codebook_that_carries_shape():
-    """The demo recipe, shortened: >= half the codebook used on held-out scenes and a
-    linear probe on code histograms far above chance on the shape label."""
+    """The demo recipe, shortened (250 of 600 steps): >= half the codebook used on
+    held-out scenes, and a linear probe on per-image code histograms far above
+    chance on the shape of single-object scenes (the demo's probe set)."""
     from pipelines.eval_probe import linear_probe
     from pipelines.evaluate import ProbeConfig
 
     train_x, _ = demo_scenes(1200, seed=0)
     hold_x, _ = demo_scenes(300, seed=1)
-    probe_x, probe_y = demo_scenes(600, seed=2, num_objects=1)
+    probe_x, probe_y = demo_scenes(1500, seed=2, num_objects=1)
     teacher = HOGTeacher(16)
+    torch.manual_seed(0)
     model = VQKD(vqkd_preset("tiny", out_dim=teacher.dim))
     g = torch.Generator().manual_seed(0)
 
     def batches():
         while True:
-            yield train_x[torch.randperm(len(train_x), generator=g)[:64]]
+            perm = torch.randperm(len(train_x), generator=g)
+            for i in range(0, len(perm) - 63, 64):
+                yield train_x[perm[i:i + 64]]
 
     start = time.perf_counter()
     logs = train_vqkd(model, teacher, batches(), VQKDTrainConfig(steps=250, warmup_steps=80))
     print(f"trained 250 steps in {time.perf_counter() - start:.0f} s")
     usage = code_usage(model.codes(hold_x), model.config.n_codes)
     hist = code_histograms(model.codes(probe_x), model.config.n_codes)
-    probe = linear_probe(hist[:400], probe_y[:400], hist[400:], probe_y[400:], 3,
-                         ProbeConfig(steps=300, lr=0.01, weight_decay=1e-4), seed=0)
-    chance = float(torch.bincount(probe_y[400:]).max()) / 200
+    probe = linear_probe(hist[:1000], probe_y[:1000], hist[1000:], probe_y[1000:], 3, ProbeConfig(), seed=0)
+    chance = float(torch.bincount(probe_y[1000:]).max()) / 500
     print(f"held-out utilisation {usage['utilisation']:.3f}, perplexity {usage['perplexity']:.0f}, "
           f"probe {probe['top1']:.3f} (chance {chance:.3f}), final loss {logs[-1]['rec_loss']:.3f}")
-    assert logs[-1]["rec_loss"] < 0.6 * logs[0]["rec_loss"]
+    assert logs[-1]["rec_loss"] < 0.5 * logs[0]["rec_loss"]
     assert usage["utilisation"] >= 0.5
-    assert probe["top1"] >= chance + 0.3
+    assert probe["top1"] >= chance + 0.25

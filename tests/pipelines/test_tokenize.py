@@ -126,3 +126,21 @@ def test_rerun_skips_finished_parts(inputs, tmp_path):
 
     changed = run(inputs, out, max_caption_tokens=8)          # other params: every part is redone
     assert changed["parts_done"] == 6
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_resumes(inputs, tmp_path):
+    from tests.pipelines.test_pack import kill_when
+
+    run(inputs, tmp_path / "reference")
+    out = tmp_path / "killed"
+    code = ("from pipelines.tokenize import TokenizeConfig, tokenize_corpus; "
+            "from pipelines.ray_session import RayConfig; "
+            f"tokenize_corpus(TokenizeConfig(out_dir={str(out)!r}, batch_size=4, num_actors=1), "
+            f"{inputs['clean']!r}, {inputs['text']!r}, {inputs['visual']!r}, RayConfig(num_cpus=4))")
+    assert kill_when(code, lambda: out.exists() and any(out.rglob("*.parquet"))), "finished before the kill"
+
+    metrics = run(inputs, out)
+    assert metrics["parts_skipped"] >= 1 and metrics["parts_done"] + metrics["parts_skipped"] == 6
+    assert parts(out) == parts(tmp_path / "reference")
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
