@@ -67,7 +67,7 @@ def torchscale_task(ours: PretrainTask, device: torch.device) -> PretrainTask:
         raise SystemExit("torchscale is not installed: pip install --no-deps torchscale==0.3.0 "
                          "(or pass --no-torchscale)")
     # the parity test's builder (torchscale's base recipe + test-only fairscale/timm shims)
-    from tests.model.test_torchscale_parity import torchscale_model
+    from tests.torchscale_reference import torchscale_model
 
     cfg = dataclasses.replace(ours.model.config, checkpoint_activations=False)
     with torch.device(device):

@@ -7,9 +7,6 @@ its fairscale/timm imports are served by tests/model/torchscale_shims.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,41 +14,9 @@ import torch
 from model.beit3 import BEiT3
 from model.checkpoint import export_official_beit3, load_official_beit3, official_key_map
 from model.config import beit3_preset
+from tests.torchscale_reference import torchscale_model
 
-SHIMS = Path(__file__).parent / "torchscale_shims"
 TOLERANCE = 1e-4
-
-
-def import_torchscale():
-    """(EncoderConfig, BEiT3) from torchscale; shims only for what is not installed."""
-    if importlib.util.find_spec("torchscale") is None:
-        pytest.fail("torchscale 0.3.0 is required by the parity tests: "
-                    "pip install --no-deps torchscale==0.3.0")
-    missing = [m for m in ("fairscale", "timm") if importlib.util.find_spec(m) is None]
-    if missing:
-        sys.path.insert(0, str(SHIMS))
-    try:
-        from torchscale.architecture.config import EncoderConfig
-        from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
-    finally:
-        if missing:
-            sys.path.remove(str(SHIMS))
-            for name in [n for n in sys.modules if n.split(".")[0] in missing]:
-                del sys.modules[name]  # the shims must not leak into other tests
-    return EncoderConfig, TorchscaleBEiT3
-
-
-def torchscale_model(cfg, normalize_output=True):
-    """torchscale BEiT3 built like unilm/beit3's _get_base_config, with cfg's shapes."""
-    EncoderConfig, TorchscaleBEiT3 = import_torchscale()
-    args = EncoderConfig(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size,
-        multiway=True, layernorm_embedding=False, normalize_output=normalize_output,
-        no_output_layer=True, drop_path_rate=0.0, encoder_embed_dim=cfg.dim,
-        encoder_attention_heads=cfg.num_heads, encoder_ffn_embed_dim=cfg.ffn_dim,
-        encoder_layers=cfg.depth, max_source_positions=cfg.max_text_positions,
-    )
-    return TorchscaleBEiT3(args)
 
 
 def randomize_(module, seed=0):

@@ -180,3 +180,49 @@ def train_in_process(job: dict, resume_dir: str | None = None, keep_dir: str | N
     loop = PretrainLoop(job, 0, 1, torch.device("cpu"), report, resume_dir)
     loop.run()
     return loop, saved
+
+
+def distributed_worker(rank: int, world_size: int, port: int, job: dict, resume_dir: str | None,
+                       keep_dir: str, result_path: str) -> None:
+    """torch.multiprocessing entry: one rank of a gloo group running a PretrainLoop; rank 0
+    copies its checkpoints to keep_dir and writes the loss history to result_path."""
+    import json
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train_loop import PretrainLoop
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        def report(metrics, directory):
+            if directory:
+                shutil.copytree(directory, os.path.join(keep_dir, f"step-{int(metrics['step'])}"), dirs_exist_ok=True)
+            dist.barrier()
+
+        loop = PretrainLoop(job, rank, world_size, torch.device("cpu"), report, resume_dir)
+        loop.run()
+        if rank == 0:
+            with open(result_path, "w") as f:
+                json.dump({"history": loop.history, "samples": loop.samples, "resumed_from": loop.resumed_from}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(job: dict, world_size: int, keep_dir: str, resume_dir: str | None = None) -> dict:
+    """Run a PretrainLoop on ``world_size`` local processes (gloo); returns rank 0's result."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.makedirs(keep_dir, exist_ok=True)
+    result_path = os.path.join(keep_dir, f"result-{'resumed' if resume_dir else 'fresh'}.json")
+    mp.spawn(distributed_worker, args=(world_size, port, job, resume_dir, keep_dir, result_path), nprocs=world_size)
+    with open(result_path) as f:
+        return json.load(f)
