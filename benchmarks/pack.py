@@ -1,6 +1,6 @@
 """pack throughput vs a bare pyarrow write of the same rows (target: >= 0.7x).
 
-    python -m benchmarks.pack [--rows 3000] [--image-size 96] [--shard-rows 500]
+    python -m benchmarks.pack [--rows 9000] [--image-size 96] [--shard-rows 1000]
 
 Builds a tokenized corpus (equal thirds text / image / pair, PNG views with
 noise so they do not compress away), starts Ray once (not timed), then times,
@@ -67,9 +67,9 @@ def make_tokenized(root: str, rows: int, image_size: int, parts_per_kind: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--rows", type=int, default=9000)
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--shard-rows", type=int, default=500)
+    parser.add_argument("--shard-rows", type=int, default=1000)
     parser.add_argument("--parts", type=int, default=4, help="tokenized parts per modality")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ray_session(RayConfig()):

@@ -279,7 +279,8 @@ def train_worker(job: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = job["cfg"]
-    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.threads_per_worker or max(1, cores // ctx.get_local_world_size())
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 

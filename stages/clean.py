@@ -2,11 +2,17 @@
 from pipelines.clean import clean_sources
 from pipelines.metrics import write_metrics
 from pipelines.params import load_params
+from pipelines.remote_outputs import track_output
+
+# This stage's DVC out (dvc.yaml). With an s3:// out_dir it holds remote.json, the
+# manifest of the objects written there (pipelines/remote_outputs.py).
+TRACKED = "data/clean"
 
 
 def main() -> None:
     params = load_params()
     metrics = clean_sources(params.sources, params.clean, params.ray)
+    metrics |= track_output(params.clean.out_dir, TRACKED)
     write_metrics("clean", metrics)
 
 

@@ -2,11 +2,17 @@
 from pipelines.metrics import write_metrics
 from pipelines.pack import pack_shards
 from pipelines.params import load_params
+from pipelines.remote_outputs import track_output
+
+# This stage's DVC out (dvc.yaml). With an s3:// out_dir it holds remote.json, the
+# manifest of the objects written there (pipelines/remote_outputs.py).
+TRACKED = "data/shards"
 
 
 def main() -> None:
     params = load_params()
     metrics = pack_shards(params.pack, params.tokenize.out_dir, params.ray)
+    metrics |= track_output(params.pack.out_dir, TRACKED)
     write_metrics("pack", metrics)
 
 

@@ -1,0 +1,213 @@
+"""tokenize stage: images per CPU core vs a bare loop, and the speed-up from 1 to 2 Ray actors.
+
+    python -m benchmarks.tokenize_throughput [--images 2048] [--parts 8] [--image-size 96]
+                                             [--preset tiny] [--batch-size 64] [--rounds 2]
+
+Inputs (built once, not timed): ``--parts`` cleaned image parts of demo scenes stored as
+PNG, as the clean stage writes them; a sentencepiece model trained on stdlib docstrings;
+a VQ-KD of ``--preset`` with seeded random weights (tokenizing costs the same whatever
+the weights). Ray starts once, and one small warm-up tokenize runs, before timing.
+
+Timed side by side, interleaved (the order flips every round), each figure the median:
+
+- bare:         one process, one thread (torch.set_num_threads(1), the fair torch
+                baseline), reading the same parts: PIL decode -> model.vqkd.preprocess ->
+                VQKD.codes in batches of ``--batch-size``; the issue's baseline.
+- bare + PNG:   the same plus the PNG encode of each tokenized view, i.e. every byte the
+                stage produces; shows how much of a gap is the stored view itself.
+- stage xK:     ``tokenize_corpus`` end to end with K = 1 and 2 actors (0.5 CPU each).
+
+"Per core" rates are images per CPU-second: the bare loop's thread time, and for the
+stage the CPU time of the driver plus its Ray workers (``work``) or of the whole Ray
+tree including its daemons (``tree``), sampled with psutil (benchmarks.data_common).
+The speed-up 1 -> 2 actors is wall-clock: end to end, and in steady state (part outputs'
+completion times after each actor's first part, so start-up is left out).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from benchmarks.common import print_table
+from benchmarks.data_common import TreeMonitor, load_note, ratio, scene_images
+from model.vqkd import VQKD, preprocess, vqkd_preset
+from pipelines import storage
+from pipelines.clean import OUTPUT_SCHEMAS
+from pipelines.demo_text import stdlib_docs
+from pipelines.ray_session import RayConfig, ray_session
+from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
+from pipelines.tokenize import TokenizeConfig, tokenize_corpus
+
+RAY = RayConfig()  # what params.yaml gives: 2 x cores logical CPUs, 0.5 CPU per actor
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2048, help="images in all parts together")
+    p.add_argument("--parts", type=int, default=8, help="cleaned image parts (one actor call each)")
+    p.add_argument("--image-size", type=int, default=96, help="side of the cleaned images (demo: 96)")
+    p.add_argument("--preset", default="tiny", help="VQ-KD preset (tiny: the demo's, 96 px)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VQ-KD forward (tokenize.batch_size)")
+    p.add_argument("--png-level", type=int, default=6, help="tokenize.png_compress_level of the stored views")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tmp", default=None, help="work folder (default: a temporary one)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def write_image_parts(clean_dir: str, images: list[bytes], parts: int) -> None:
+    """clean_dir/image/part-NNNNN.parquet in the clean stage's image schema."""
+    step = -(-len(images) // parts)
+    for p in range(parts):
+        chunk = images[p * step:(p + 1) * step]
+        sizes = [Image.open(io.BytesIO(b)).size for b in chunk]
+        table = pa.table({"id": [hashlib.sha256(b).hexdigest() for b in chunk], "image": chunk,
+                          "width": [w for w, _ in sizes], "height": [h for _, h in sizes],
+                          "source": ["bench_images"] * len(chunk)}, schema=OUTPUT_SCHEMAS["image"])
+        storage.write_parquet(table, os.path.join(clean_dir, "image", f"part-{p:05d}.parquet"))
+
+
+def build_inputs(root: str, args) -> dict:
+    images = scene_images(args.images, args.image_size, "png")
+    write_image_parts(os.path.join(root, "clean"), images, args.parts)
+    write_image_parts(os.path.join(root, "warm"), images[:args.batch_size], 1)
+    text_clean = os.path.join(root, "clean_text")
+    docs = [d.text for d in stdlib_docs()[0][:400]]
+    storage.write_parquet(pa.table({"id": [str(i) for i in range(len(docs))], "text": docs,
+                                    "source": ["stdlib"] * len(docs)}, schema=OUTPUT_SCHEMAS["text"]),
+                          os.path.join(text_clean, "text", "part-00000.parquet"))
+    text_dir, visual_dir = os.path.join(root, "text_tokenizer"), os.path.join(root, "visual_tokenizer")
+    train_text_tokenizer(TextTokenizerConfig(out_dir=text_dir, vocab_size=500), text_clean, RAY)
+    torch.manual_seed(0)
+    VQKD(vqkd_preset(args.preset)).save(visual_dir)
+    return {"clean": os.path.join(root, "clean"), "warm": os.path.join(root, "warm"),
+            "text": text_dir, "visual": visual_dir, "out": os.path.join(root, "tokenized")}
+
+
+# ----------------------------------------------------------------------------- timed runs
+
+def bare_loop(clean_dir: str, visual_dir: str, batch_size: int, png_level: int | None) -> dict:
+    """One thread: decode -> preprocess -> codes (-> PNG view) over every part; thread CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    model = VQKD.load(visual_dir)
+    size, n = model.config.image_size, 0
+    for path in sorted(storage.list_files(os.path.join(clean_dir, "image"), ".parquet")):
+        blobs = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+        for start in range(0, len(blobs), batch_size):
+            views = []
+            for data in blobs[start:start + batch_size]:
+                with Image.open(io.BytesIO(data)) as img:
+                    views.append(preprocess(img, size))
+            model.codes(torch.stack(views))
+            if png_level is not None:  # what the stage stores: the uint8 view as PNG
+                for v in views:
+                    pixels = v.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+                    Image.fromarray(pixels, "RGB").save(io.BytesIO(), "PNG", compress_level=png_level)
+            n += len(views)
+    out = {"images": n, "cpu_s": time.thread_time() - cpu0, "wall_s": time.perf_counter() - wall0}
+    torch.set_num_threads(threads)
+    return out
+
+
+def stage_run(inputs: dict, clean_dir: str, actors: int, batch_size: int, png_level: int) -> dict:
+    shutil.rmtree(inputs["out"], ignore_errors=True)
+    cfg = TokenizeConfig(out_dir=inputs["out"], batch_size=batch_size, num_actors=actors,
+                         png_compress_level=png_level)
+    with TreeMonitor() as mon:
+        metrics = tokenize_corpus(cfg, clean_dir, inputs["text"], inputs["visual"], RAY)
+    u = mon.usage
+    done = sorted(os.path.getmtime(p) for p in storage.list_files(os.path.join(inputs["out"], "image"), ".parquet"))
+    per_part = metrics["image_images"] / len(done)
+    steady = ratio(per_part * (len(done) - actors), done[-1] - done[actors - 1]) if len(done) > actors else float("nan")
+    return {"images": metrics["image_images"], "wall_s": u.wall_s, "cpu_work_s": u.cpu_work,
+            "cpu_tree_s": u.cpu_total, "cpu_s": dict(u.cpu_s), "steady_images_per_s": steady}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    root = args.tmp or tempfile.mkdtemp(prefix="bench-tokenize-")
+    runs: dict[str, list[dict]] = {"bare": [], "bare_png": [], "stage_x1": [], "stage_x2": []}
+    loads = []
+    try:
+        with ray_session(RAY):
+            inputs = build_inputs(root, args)
+            stage_run(inputs, inputs["warm"], 2, args.batch_size, args.png_level)  # workers, imports: untimed
+            jobs = {
+                "bare": lambda: bare_loop(inputs["clean"], inputs["visual"], args.batch_size, None),
+                "bare_png": lambda: bare_loop(inputs["clean"], inputs["visual"], args.batch_size, args.png_level),
+                "stage_x1": lambda: stage_run(inputs, inputs["clean"], 1, args.batch_size, args.png_level),
+                "stage_x2": lambda: stage_run(inputs, inputs["clean"], 2, args.batch_size, args.png_level),
+            }
+            for r in range(args.rounds):
+                for name in (list(jobs) if r % 2 == 0 else list(reversed(jobs))):
+                    loads.append(os.getloadavg()[0])
+                    runs[name].append(jobs[name]())
+    finally:
+        if not args.tmp:
+            shutil.rmtree(root, ignore_errors=True)
+    return report(args, runs, loads)
+
+
+def report(args, runs: dict, loads: list[float]) -> dict:
+    med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+    n = runs["bare"][0]["images"]
+    bare_cpu, bare_png_cpu = n / med("bare", "cpu_s"), n / med("bare_png", "cpu_s")
+    bare_wall = n / med("bare", "wall_s")
+    x2_work, x2_tree = n / med("stage_x2", "cpu_work_s"), n / med("stage_x2", "cpu_tree_s")
+    x1_work = n / med("stage_x1", "cpu_work_s")
+    x2_wall_core = n / med("stage_x2", "wall_s") / 2
+    speedup = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs["stage_x1"], runs["stage_x2"]))
+    steady = statistics.median(ratio(b["steady_images_per_s"], a["steady_images_per_s"])
+                               for a, b in zip(runs["stage_x1"], runs["stage_x2"]))
+    result = {
+        "images": n, "parts": args.parts, "image_size": args.image_size, "preset": args.preset,
+        "rounds": args.rounds, "load_avg": round(statistics.mean(loads), 1), "cores": os.cpu_count(),
+        "bare_images_per_cpu_s": bare_cpu, "bare_png_images_per_cpu_s": bare_png_cpu,
+        "bare_images_per_s": bare_wall,
+        "stage_x1_images_per_cpu_s": x1_work, "stage_x2_images_per_cpu_s": x2_work,
+        "stage_x2_images_per_tree_cpu_s": x2_tree, "stage_x2_images_per_s_per_core": x2_wall_core,
+        "ratio_per_core_cpu": x2_work / bare_cpu, "ratio_per_core_tree_cpu": x2_tree / bare_cpu,
+        "ratio_vs_bare_png": x2_work / bare_png_cpu, "ratio_per_core_wall": x2_wall_core / bare_wall,
+        "speedup_1_to_2": speedup, "speedup_1_to_2_steady": steady,
+        "cpu_s_by_role_x2": {k: round(statistics.median(r["cpu_s"][k] for r in runs["stage_x2"]), 2)
+                             for k in runs["stage_x2"][0]["cpu_s"]},
+        "runs": runs,
+    }
+    print(f"tokenize: {n} images of {args.image_size} px in {args.parts} parts, VQ-KD {args.preset}, "
+          f"batch {args.batch_size}, {args.rounds} rounds; {load_note()} (mean at run starts "
+          f"{result['load_avg']})")
+    print_table(["run", "images/CPU-s", "wall s (median)", "vs bare (per core)"], [
+        ["bare loop, 1 thread", f"{bare_cpu:.1f}", f"{med('bare', 'wall_s'):.1f}", "1.00x"],
+        ["bare + PNG view", f"{bare_png_cpu:.1f}", f"{med('bare_png', 'wall_s'):.1f}", f"{bare_png_cpu / bare_cpu:.2f}x"],
+        ["stage, 1 actor (work)", f"{x1_work:.1f}", f"{med('stage_x1', 'wall_s'):.1f}", f"{x1_work / bare_cpu:.2f}x"],
+        ["stage, 2 actors (work)", f"{x2_work:.1f}", f"{med('stage_x2', 'wall_s'):.1f}", f"{x2_work / bare_cpu:.2f}x"],
+        ["stage, 2 actors (tree)", f"{x2_tree:.1f}", "", f"{x2_tree / bare_cpu:.2f}x"],
+    ])
+    print(f"per core, CPU time : stage x2 / bare = {result['ratio_per_core_cpu']:.2f}x (target >= 0.8x); "
+          f"with Ray daemons {result['ratio_per_core_tree_cpu']:.2f}x; vs bare + PNG view "
+          f"{result['ratio_vs_bare_png']:.2f}x")
+    print(f"per core, wall     : (stage x2 images/s / 2) / bare images/s = {result['ratio_per_core_wall']:.2f}x "
+          "(load-sensitive)")
+    print(f"speed-up 1 -> 2 actors: end to end {speedup:.2f}x, steady state {steady:.2f}x (target >= 1.7x)")
+    print(f"CPU s by role (2 actors): {result['cpu_s_by_role_x2']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
