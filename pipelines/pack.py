@@ -40,7 +40,7 @@ from pipelines import storage
 from pipelines.configs import check, to_dict
 from pipelines.ray_session import RayConfig, ray_session
 from pipelines.schema import MODALITIES, SHARD_SCHEMA, check_schema
-from pipelines.tokenize import TOKENIZERS, remove_temp_files
+from pipelines.tokenize import TOKENIZERS
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
@@ -287,7 +287,7 @@ def _remove_stale(out_dir: str, keep: set[str]) -> None:
         for path in storage.list_files(base):
             if f"{split}/{path[len(base) + 1:]}" not in keep:
                 _delete(path)
-    remove_temp_files(out_dir)
+    storage.remove_temp_files(out_dir)
 
 
 def _delete(path: str) -> None:

@@ -134,3 +134,13 @@ def sha256_file(path: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def remove_temp_files(folder: str) -> None:
+    """Delete ``*.tmp-*`` files directly in ``folder`` (left by storage.write_* when killed)."""
+    fs, p = filesystem(folder)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(p)):
+        if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
+            fs.delete_file(info.path)

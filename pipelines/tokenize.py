@@ -255,15 +255,4 @@ def _remove_stale(out_dir: str, expected: set[str]) -> None:
                 fs, p = storage.filesystem(path)
                 if fs.get_file_info(p).type == pafs.FileType.File:
                     fs.delete_file(p)
-    remove_temp_files(out_dir)
-
-
-def remove_temp_files(folder: str) -> None:
-    """Delete ``*.tmp-*`` files directly in ``folder`` (left by storage.write_* when killed)."""
-    fs, p = storage.filesystem(folder)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return
-    for info in fs.get_file_info(pafs.FileSelector(p)):
-        if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
-            fs.delete_file(info.path)
-
+    storage.remove_temp_files(out_dir)
