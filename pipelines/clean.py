@@ -25,11 +25,7 @@ one unit each, so one huge file is read by one task (streaming, but serial).
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
-import os
-import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -82,7 +78,7 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
     units = [{"source_idx": s, "unit_idx": u, "files": list(files)}
              for s, source in enumerate(sources)
              for u, files in enumerate(plan_units(source, cfg.files_per_unit))]
-    staging = _staging_dir(cfg.out_dir)
+    staging = storage.staging_dir(cfg.out_dir)
     with ray_session(ray_cfg) as ray, _preserve_order(ray):
         rows = _map_rows(ray, units, sources, cfg, ray_cfg)
         meta = _collect(rows.select_columns(META_COLUMNS)) if rows is not None else _empty_meta()
@@ -94,7 +90,7 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
     writer.add(rejected.select(REJECTED_SCHEMA.names))
     parts["rejected"] = writer.close()
     metrics = _metrics(sources, meta, rejected, parts)  # raises, leaving out_dir untouched, unless it reconciles
-    _publish(staging, cfg.out_dir)
+    storage.publish_dir(staging, cfg.out_dir)
     return metrics
 
 
@@ -187,31 +183,6 @@ class PartWriter:
         self.stats["rows"] += len(table)
         self.stats["bytes"] += len(data)
         self.stats["by_source"].update(table.column("source").to_pylist())
-
-
-# ---------------------------------------------------------------- output directory
-
-def _staging_dir(out_dir: str) -> str:
-    """Local: a fresh temporary sibling (stale ones from killed runs removed). URI: out_dir, emptied."""
-    if storage.is_uri(out_dir):
-        fs, p = storage.filesystem(out_dir)
-        fs.delete_dir_contents(p, missing_dir_ok=True)
-        return out_dir
-    final = os.path.abspath(out_dir)
-    for stale in glob.glob(glob.escape(final) + ".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(staging)
-    return staging
-
-
-def _publish(staging: str, out_dir: str) -> None:
-    if storage.is_uri(out_dir):
-        return
-    final = os.path.abspath(out_dir)
-    if os.path.lexists(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
 
 
 @contextlib.contextmanager

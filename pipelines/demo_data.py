@@ -104,11 +104,16 @@ class _Scenes:
 
 
 def generate_demo_data(cfg: DemoDataConfig) -> dict:
-    """Write the demo corpus into cfg.out_dir (replacing an earlier demo output) -> metrics."""
-    _clear_previous_output(cfg.out_dir)
+    """Write the demo corpus into cfg.out_dir (replacing an earlier demo output) -> metrics.
+
+    Built in a temporary sibling and renamed into place (storage.publish_dir), so a killed
+    run leaves out_dir as it was; on object storage out_dir is emptied and written directly.
+    """
+    _check_replaceable(cfg.out_dir)
+    staging = storage.staging_dir(cfg.out_dir)
     # A placeholder manifest marks the folder as ours, so a rerun after a crash may clear it.
-    storage.write_bytes(storage.join(cfg.out_dir, MANIFEST), _json_bytes({"complete": False}))
-    writer = _Writer(cfg.out_dir)
+    storage.write_bytes(storage.join(staging, MANIFEST), _json_bytes({"complete": False}))
+    writer = _Writer(staging)
     scenes = _Scenes(cfg.image_size)
     metrics = {"seed": cfg.seed, "image_size": cfg.image_size}
     # Training outputs first: the held-out scenes below skip any pixels seen here.
@@ -123,6 +128,7 @@ def generate_demo_data(cfg: DemoDataConfig) -> dict:
     metrics["sha256"] = storage.sha256(_json_bytes(writer.hashes))
     writer.write(MANIFEST, _json_bytes({"complete": True, "metrics": metrics, "files": writer.hashes},
                                        indent=1))
+    storage.publish_dir(staging, cfg.out_dir)
     return metrics
 
 
@@ -247,17 +253,12 @@ def _write_text(cfg: DemoDataConfig, writer: _Writer) -> dict:
             "python_version": f"{sys.version_info.major}.{sys.version_info.minor}"}
 
 
-def _clear_previous_output(out_dir: str) -> None:
-    """Empty out_dir if it holds an earlier demo output; refuse to touch anything else."""
-    existing = storage.list_files(out_dir)
-    if not existing:
-        return
-    if not storage.exists(storage.join(out_dir, MANIFEST)):
+def _check_replaceable(out_dir: str) -> None:
+    """Refuse to replace a non-empty out_dir that holds no earlier demo output."""
+    if storage.list_files(out_dir) and not storage.exists(storage.join(out_dir, MANIFEST)):
         raise FileExistsError(
             f"demo_data.out_dir {out_dir!r} is not empty and has no {MANIFEST} from an earlier "
             "demo_data run; choose another out_dir or delete it yourself")
-    fs, path = storage.filesystem(out_dir)
-    fs.delete_dir_contents(path)
 
 
 def _json_bytes(obj, indent: int | None = None) -> bytes:

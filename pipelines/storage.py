@@ -8,9 +8,11 @@ itself (the object appears only when the upload completes).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import shutil
 import uuid
 
 import pyarrow as pa
@@ -144,3 +146,41 @@ def remove_temp_files(folder: str) -> None:
     for info in fs.get_file_info(pafs.FileSelector(p)):
         if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
             fs.delete_file(info.path)
+
+
+def staging_dir(out_dir: str) -> str:
+    """Where to build a whole-directory output before :func:`publish_dir` swaps it in.
+
+    Local: a fresh temporary sibling ``<out_dir>.tmp-XXXXXXXX`` (stale ones left by killed
+    runs are removed first); readers never look there. URI: ``out_dir`` itself, emptied
+    (object stores have no directory rename; each object PUT is atomic by itself).
+    """
+    if is_uri(out_dir):
+        fs, p = filesystem(out_dir)
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+        return out_dir
+    final = os.path.abspath(out_dir)
+    for stale in glob.glob(glob.escape(final) + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+    staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(staging)
+    return staging
+
+
+def publish_dir(staging: str, out_dir: str) -> None:
+    """Make the complete ``staging`` directory ``out_dir`` (local: by renames only).
+
+    The previous output is renamed aside before the new one is renamed in, so a kill at
+    any moment leaves ``out_dir`` either the previous complete output, absent (between the
+    two renames), or the new complete output, never a mix or a half-deleted tree.
+    """
+    if is_uri(out_dir):
+        return
+    final = os.path.abspath(out_dir)
+    old = None
+    if os.path.lexists(final):
+        old = f"{final}.tmp-old-{uuid.uuid4().hex[:8]}"  # a stale one is cleared by staging_dir
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)

@@ -151,12 +151,15 @@ def _key(seed: int, name: str) -> int:
 
 
 def write_tokenizer(out_dir: str, model_bytes: bytes, tokenizer: TextTokenizer) -> None:
-    """spm.model, spm.vocab, then tokenizer.json (its presence marks a complete output)."""
-    storage.write_bytes(storage.join(out_dir, MODEL_FILE), model_bytes)
+    """spm.model, spm.vocab, then tokenizer.json, built beside out_dir and swapped in whole
+    (storage.publish_dir): a kill never leaves a new model next to an old tokenizer.json."""
+    staging = storage.staging_dir(out_dir)
+    storage.write_bytes(storage.join(staging, MODEL_FILE), model_bytes)
     sp = tokenizer.sp
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    storage.write_bytes(storage.join(out_dir, VOCAB_FILE), vocab.encode("utf-8"))
-    storage.write_json(storage.join(out_dir, INFO_FILE), {
+    storage.write_bytes(storage.join(staging, VOCAB_FILE), vocab.encode("utf-8"))
+    storage.write_json(storage.join(staging, INFO_FILE), {
         "vocab_size": tokenizer.vocab_size, **tokenizer.special_ids, "sha256": tokenizer.sha256,
         "convention": tokenizer.convention, "num_pieces": tokenizer.num_pieces,
     })
+    storage.publish_dir(staging, out_dir)

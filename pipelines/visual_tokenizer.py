@@ -77,9 +77,11 @@ def train_visual_tokenizer(cfg: VisualTokenizerConfig, clean_dir: str, ray_cfg: 
         task = ray.remote(num_cpus=min(ray_cfg.cpus_per_task * cfg.num_threads, 64),
                           num_gpus=cfg.num_gpus)(build_tokenizer)
         files, history, metrics = ray.get(task.remote(cfg, parts))
+    staging = storage.staging_dir(cfg.out_dir)  # swapped in whole: no new weights beside an old config
     for name, data in files.items():  # weights first, config.json last (readers key on it)
-        storage.write_bytes(storage.join(cfg.out_dir, name), data)
-    storage.write_json(storage.join(cfg.out_dir, HISTORY_FILE), history)
+        storage.write_bytes(storage.join(staging, name), data)
+    storage.write_json(storage.join(staging, HISTORY_FILE), history)
+    storage.publish_dir(staging, cfg.out_dir)
     return {**metrics, "seconds": round(time.time() - start, 2)}
 
 
@@ -114,7 +116,8 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
         train_cfg = VQKDTrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                     dead_code_steps=cfg.dead_code_steps, seed=cfg.seed)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed), train_cfg)
+        history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed), train_cfg,
+                             on_step=_progress(cfg.steps))
         tail = history[-min(20, len(history)):]
         metrics.update(
             num_train_images=len(train), steps=cfg.steps, teacher=cfg.teacher,
@@ -123,6 +126,15 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
             final_rec_loss=round(sum(h["rec_loss"] for h in tail) / len(tail), 4))
     metrics.update(evaluate_codes(model, holdout, cfg))
     return model.serialize(), [_rounded(h) for h in history], metrics
+
+
+def _progress(steps: int, every: int = 50):
+    def report(log: dict) -> None:
+        if log["step"] % every == 0 or log["step"] == steps - 1:
+            used = f", batch codes used {log['utilisation']:.2f}" if "utilisation" in log else ""
+            print(f"visual_tokenizer step {log['step'] + 1}/{steps}: loss {log['loss']:.4f}{used}, "
+                  f"{log['seconds']:.0f} s", flush=True)
+    return report
 
 
 def _model_and_teacher(cfg: VisualTokenizerConfig):

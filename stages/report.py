@@ -1,12 +1,14 @@
 """dvc stage `report`: load params once, run pipelines.report, write metrics/report.json."""
 from pipelines.metrics import write_metrics
 from pipelines.params import load_params
+from pipelines.report import render_report
 
 
 def main() -> None:
     params = load_params()
-    raise NotImplementedError("stage report is being built")  # replaced by the stage's owner
-    write_metrics("report", {})
+    metrics = render_report(params.report, params.pack.out_dir, params.text_tokenizer.out_dir,
+                            params.pretrain.plots_path, params.pretrain.masking)
+    write_metrics("report", metrics)
 
 
 if __name__ == "__main__":
