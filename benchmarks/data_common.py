@@ -1,11 +1,15 @@
 """Shared pieces of the data-stage benchmarks (clean, tokenize, growth): CPU time and
 memory of a whole process tree, and the demo-like images they run on.
 
-Why CPU time of the tree: the development machine is shared (load 10-25 on 2 cores),
-so wall-clock rates swing by 2-5x from one minute to the next. The CPU seconds a stage
-spends - its driver plus every Ray process it starts - hardly depend on the load, so
-"images per CPU-second" is the robust form of "images/s per core". Wall-clock rates are
-printed too, with the load average next to them.
+Why CPU time of the tree: the development machine is shared (load 20-40 on 2 cores),
+so wall-clock rates swing by 2-5x from one minute to the next. Worse, the kernel schedules
+with autogroups (kernel.sched_autogroup_enabled = 1): every process of one session - a
+benchmark, its Ray daemons and workers - shares ONE fair slice of the CPUs against every
+other busy session, so on a busy machine 2 Ray workers get no more CPU than 1, and a
+wall-clock speed-up from 1 to 2 workers cannot show. The CPU seconds a stage spends - its
+driver plus every Ray process it starts - hardly depend on the load, so "images per
+CPU-second" is the robust form of "images/s per core", and the CPU seconds of the busiest
+process (``critical_cpu_s``) give the wall time on a machine with a free core per process.
 
 Roles in a tree (``TreeMonitor``): the root process is the ``driver``; Ray worker
 processes (``ray::<Task or Actor>`` titles, ``default_worker.py``) are ``workers``;
@@ -70,6 +74,13 @@ class TreeUsage:
     peak_tree_pss: int = 0     # sum of PSS at one sample (0 unless pss=True)
     samples: int = 0
     max_processes: int = 0
+    worker_cpu_s: list[float] = field(default_factory=list)  # per Ray worker process, largest first
+
+    @property
+    def critical_cpu_s(self) -> float:
+        """CPU seconds of the busiest single process: the wall time this run would need on
+        a machine with a free core per process (a lower bound; what autogroup hides)."""
+        return max([self.cpu_s["driver"], *self.worker_cpu_s], default=0.0)
 
     @property
     def cpu_total(self) -> float:
@@ -153,7 +164,11 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
         for key, (role, total) in self._last_cpu.items():
-            self.usage.cpu_s[role] += total - self._start_cpu.get(key, 0.0)
+            used = total - self._start_cpu.get(key, 0.0)
+            self.usage.cpu_s[role] += used
+            if role == "workers":
+                self.usage.worker_cpu_s.append(used)
+        self.usage.worker_cpu_s.sort(reverse=True)
         if self.root_pid == os.getpid():
             self.usage.cpu_s["driver"] = max(0.0, self.usage.cpu_s["driver"] - self._sampler_cpu)
 

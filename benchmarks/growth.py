@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=150, help="image-caption pairs at 1x")
     p.add_argument("--images", type=int, default=50, help="caption-less images at 1x")
     p.add_argument("--docs", type=int, default=250, help="text documents at 1x (stdlib has ~4.8k)")
+    p.add_argument("--vocab-size", type=int, default=500, help="sentencepiece vocabulary (trained on the 1x text)")
     p.add_argument("--interval", type=float, default=0.2, help="psutil sampling interval, seconds")
     p.add_argument("--tmp", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
@@ -105,14 +106,14 @@ def make_corpus(dirs: dict, scale: int, args) -> dict:
     return {"pairs": m["pairs"], "images": m["images"], "docs": m["text_docs"], "bytes": m["bytes"]}
 
 
-def make_tokenizers(dirs: dict) -> None:
+def make_tokenizers(dirs: dict, vocab_size: int) -> None:
     import torch
 
     from model.vqkd import VQKD, vqkd_preset
     from pipelines.ray_session import RayConfig
     from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
 
-    train_text_tokenizer(TextTokenizerConfig(out_dir=dirs["text_tokenizer"], vocab_size=500), dirs["clean"],
+    train_text_tokenizer(TextTokenizerConfig(out_dir=dirs["text_tokenizer"], vocab_size=vocab_size), dirs["clean"],
                          RayConfig())
     torch.manual_seed(0)
     VQKD(vqkd_preset("tiny")).save(dirs["visual_tokenizer"])
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
             for stage in STAGES:
                 results["stages"][stage][scale] = measure_stage(stage, root, scale, args.interval)
                 if scale == 1 and stage == "clean":
-                    make_tokenizers(scale_dirs(root, 1))
+                    make_tokenizers(scale_dirs(root, 1), args.vocab_size)
             for key in ("demo", "clean", "tokenized"):  # keep the disk small: finished scales go
                 shutil.rmtree(scale_dirs(root, scale)[key], ignore_errors=True)
     finally:

@@ -30,11 +30,12 @@ class HOGTeacher(nn.Module):
     into ``bins`` bins, magnitudes summed over ``cells x cells`` cells of each patch.
     The patch descriptor (3 * cells^2 * bins values) is l2-normalised *jointly* over
     the three channels, so which channels carry an edge (i.e. its colours) survives.
-    The weight of a patch is its descriptor norm before normalisation: flat patches
-    (most of a simple scene's background) teach almost nothing and barely count.
+    The weight of a patch is its descriptor norm before normalisation plus ``floor``
+    (a strong edge scores ~0.3): flat patches (most of a simple scene's background)
+    teach almost nothing and barely count.
     """
 
-    def __init__(self, patch_size: int = 16, cells: int = 2, bins: int = 9, floor: float = 0.02):
+    def __init__(self, patch_size: int = 16, cells: int = 2, bins: int = 9, floor: float = 0.002):
         super().__init__()
         if patch_size % cells:
             raise ValueError(f"HOGTeacher: patch_size {patch_size} not divisible by cells {cells}")
@@ -53,7 +54,7 @@ class HOGTeacher(nn.Module):
         feats = hist.reshape(B, gh * gw, self.dim)  # (B, N, 3*c*c*bins)
         norm = feats.norm(dim=-1)  # (B, N)
         feats = feats / (norm.unsqueeze(-1) + 1e-6)
-        weights = norm + self.floor * norm.mean().clamp_min(1e-6)
+        weights = norm + self.floor  # per image: independent of the rest of the batch
         return feats, weights
 
     def _cell_histograms(self, x: torch.Tensor) -> torch.Tensor:

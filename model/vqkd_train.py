@@ -169,18 +169,36 @@ def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor,
     return (per_patch * weights).sum() / weights.sum().clamp_min(1e-6)
 
 
-def train_vqkd(model: VQKD, teacher: torch.nn.Module, batches: Iterator[torch.Tensor],
+@torch.no_grad()
+def precompute_targets(teacher: torch.nn.Module, images: torch.Tensor,
+                       chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher outputs for every image once: uint8 or [0, 1] float (M, 3, S, S) ->
+    (targets float16 (M, N, D), weights (M, N) or None). Worth it when the teacher
+    is deterministic and the images are not augmented (HOG costs ~1/3 of a tiny step)."""
+    targets, weights = [], []
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk]
+        t, w = teacher(x.float().div(255) if x.dtype == torch.uint8 else x)
+        targets.append(t.half())
+        weights.append(w)
+    return torch.cat(targets), (None if weights[0] is None else torch.cat(weights))
+
+
+def train_vqkd(model: VQKD, teacher: torch.nn.Module | None, batches: Iterator,
                cfg: VQKDTrainConfig,
                on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``model`` in place on image batches (B, 3, S, S) in [0, 1]; returns per-step logs.
+    """Train ``model`` in place; returns per-step logs.
 
+    ``batches`` yields images (B, 3, S, S) in [0, 1], passed through ``teacher``,
+    or tuples (images, targets (B, N, D), weights (B, N) or None) of precomputed
+    teacher outputs (``precompute_targets``; ``teacher`` may then be None).
     Each log: step, loss, rec_loss, commit_loss, lr, and after warm-up the batch's
     ``utilisation`` (fraction of codes used), ``perplexity`` and ``restarted`` codes.
     """
-    if getattr(teacher, "dim", model.config.out_dim) != model.config.out_dim:
+    if teacher is not None and getattr(teacher, "dim", model.config.out_dim) != model.config.out_dim:
         raise ValueError(f"teacher dim {teacher.dim} != VQ-KD out_dim {model.config.out_dim}")
     device = model.encoder.pos_embed.device
-    teacher = teacher.to(device)
+    teacher = teacher.to(device) if teacher is not None else None
     gen = torch.Generator(device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,8 +209,7 @@ def train_vqkd(model: VQKD, teacher: torch.nn.Module, batches: Iterator[torch.Te
     model.train()
     logs, start = [], time.perf_counter()
     for step in range(cfg.steps):
-        x = next(batches).to(device, non_blocking=True)
-        target, weights = teacher(x)
+        x, target, weights = _batch(next(batches), teacher, device)
         z = model.encode(x)  # (B, N, C)
         B, N, C = z.shape
         log = {"step": step, "lr": opt.param_groups[0]["lr"]}
@@ -200,7 +217,7 @@ def train_vqkd(model: VQKD, teacher: torch.nn.Module, batches: Iterator[torch.Te
             z_q, commit = z, z.new_zeros(())
         else:
             flat = z.detach().reshape(B * N, C)
-            if step == cfg.warmup_steps or not bool(model.quantize.embedding.initted):
+            if not bool(model.quantize.embedding.initted):  # first quantized step
                 init_codebook(model, flat, cfg.kmeans_iters, gen)
                 last_used.fill_(step)
             idx = model.quantize.nearest(flat)
@@ -229,6 +246,18 @@ def train_vqkd(model: VQKD, teacher: torch.nn.Module, batches: Iterator[torch.Te
     return logs
 
 
+def _batch(batch, teacher, device):
+    """-> (images, float targets, weights or None) on ``device``."""
+    if isinstance(batch, (tuple, list)):
+        x, target, weights = batch
+        x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True).float()
+        return x, target, (None if weights is None else weights.to(device, non_blocking=True))
+    if teacher is None:
+        raise ValueError("train_vqkd: batches of bare images need a teacher")
+    x = batch.to(device, non_blocking=True)
+    return (x, *teacher(x))
+
+
 def _lr_factor(step: int, cfg: VQKDTrainConfig) -> float:
     if step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
@@ -236,5 +265,5 @@ def _lr_factor(step: int, cfg: VQKDTrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-__all__ = ["VQKDTrainConfig", "train_vqkd", "kmeans_cosine", "init_codebook", "ema_update",
+__all__ = ["VQKDTrainConfig", "train_vqkd", "precompute_targets", "kmeans_cosine", "init_codebook", "ema_update",
            "restart_dead_codes", "code_usage", "code_histograms", "reconstruction_loss"]

@@ -52,6 +52,7 @@ class VisualTokenizerConfig:
     max_images: int = 50000                # training images held in memory (uint8)
     probe_dir: str | None = "data/demo/eval/classification"  # ImageFolder; null: no probe
     num_threads: int = 2                   # torch threads in the training task
+    teacher_cache_mb: int = 1024           # precompute teacher targets once if they fit (0: never)
     num_gpus: float = 0.0
 
     def __post_init__(self):
@@ -63,6 +64,7 @@ class VisualTokenizerConfig:
         check(self.holdout >= 1, "visual_tokenizer.holdout: must be >= 1")
         check(self.max_images >= 1, "visual_tokenizer.max_images: must be >= 1")
         check(self.num_threads >= 1 and self.num_gpus >= 0, "visual_tokenizer.num_threads/num_gpus")
+        check(self.teacher_cache_mb >= 0, "visual_tokenizer.teacher_cache_mb: must be >= 0")
         check(self.teacher != "vit" or bool(self.teacher_checkpoint),
               "visual_tokenizer.teacher_checkpoint: required when teacher is 'vit'")
 
@@ -92,7 +94,7 @@ def image_parts(clean_dir: str) -> list[str]:
 
 def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict, list, dict]:
     """Ray task: read images, train or load, evaluate -> (files, history, metrics)."""
-    from model.vqkd_train import VQKDTrainConfig, train_vqkd
+    from model.vqkd_train import VQKDTrainConfig, precompute_targets, train_vqkd
 
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)  # the model's initial weights: same params, same tokenizer
@@ -116,11 +118,14 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
         train_cfg = VQKDTrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                     dead_code_steps=cfg.dead_code_steps, seed=cfg.seed)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed), train_cfg,
-                             on_step=_progress(cfg.steps))
+        c = model.config
+        cached = len(train) * c.num_patches * c.out_dim * 2 <= cfg.teacher_cache_mb * 2**20
+        targets = precompute_targets(teacher.to(device), train.to(device)) if cached else None
+        history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed, targets),
+                             train_cfg, on_step=_progress(cfg.steps))
         tail = history[-min(20, len(history)):]
         metrics.update(
-            num_train_images=len(train), steps=cfg.steps, teacher=cfg.teacher,
+            num_train_images=len(train), steps=cfg.steps, teacher=cfg.teacher, teacher_cached=cached,
             train_seconds=round(time.perf_counter() - t0, 2),
             train_cpu_seconds=round(time.process_time() - cpu0, 2),
             final_rec_loss=round(sum(h["rec_loss"] for h in tail) / len(tail), 4))
@@ -181,14 +186,22 @@ def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tup
     return torch.stack(out), bad
 
 
-def shuffled_batches(images: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless epochs of seeded-shuffled batches, uint8 (M, 3, S, S) -> float (B, 3, S, S) in [0, 1]."""
+def shuffled_batches(images: torch.Tensor, batch_size: int, seed: int, targets=None) -> Iterator:
+    """Endless epochs of seeded-shuffled batches of uint8 (M, 3, S, S) images as float
+    (B, 3, S, S) in [0, 1]; with ``targets`` = (targets (M, N, D), weights (M, N) | None)
+    from precompute_targets, tuples (images, targets, weights) of the same rows."""
     g = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(images))
     while True:
         perm = torch.randperm(len(images), generator=g)
         for i in range(0, len(perm) - bs + 1, bs):
-            yield images[perm[i:i + bs]].float().div(255)
+            rows = perm[i:i + bs].to(images.device)
+            x = images[rows].float().div(255)
+            if targets is None:
+                yield x
+            else:
+                t, w = targets
+                yield x, t[rows], (None if w is None else w[rows])
 
 
 def evaluate_codes(model, holdout: torch.Tensor, cfg: VisualTokenizerConfig) -> dict:

@@ -76,7 +76,7 @@ def test_trains_saves_and_reports(tmp_path, ray_local):
     assert 0 < metrics["holdout_utilisation"] <= 1 and metrics["holdout_perplexity"] >= 1
     assert metrics["probe_classes"] == ["circle", "square", "triangle"]
     assert 0 <= metrics["probe_accuracy"] <= 1 and metrics["probe_images"] == [24, 12]
-    assert metrics["train_cpu_seconds"] > 0
+    assert metrics["train_cpu_seconds"] > 0 and metrics["teacher_cached"]
 
     again = train_visual_tokenizer(cfg, clean, RAY)  # same data, params, seed: same tokenizer
     assert again["holdout_utilisation"] == metrics["holdout_utilisation"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -51,11 +52,10 @@ def ray_cluster(worker_nodes: int = 1, cpus_per_node: int = 2, timeout: float = 
     """Start a head + ``worker_nodes`` nodes; yield :class:`ClusterInfo`; stop them by PID."""
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, **cluster_env(temp_dir), "PYTHONPATH": PROJECT_ROOT}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.scale.ray_cluster", str(worker_nodes), str(cpus_per_node)],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=open(os.path.join(temp_dir, "cluster.log"), "w"),
-        text=True,
-    )
+    with open(os.path.join(temp_dir, "cluster.log"), "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.scale.ray_cluster", str(worker_nodes), str(cpus_per_node)],
+            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         info = _read_info(proc, timeout, temp_dir)
         yield ClusterInfo(address=info["address"], dashboard=info["dashboard"], nodes=info["nodes"],
@@ -71,11 +71,12 @@ def ray_cluster(worker_nodes: int = 1, cpus_per_node: int = 2, timeout: float = 
 
 
 def _read_info(proc: subprocess.Popen, timeout: float, temp_dir: str) -> dict:
-    deadline = time.monotonic() + timeout
-    line = proc.stdout.readline()  # the child prints one JSON line when every node is up
-    if not line or time.monotonic() > deadline:
+    """The one JSON line the child prints once every node is up."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
         log = open(os.path.join(temp_dir, "cluster.log")).read()[-4000:]
-        raise RuntimeError(f"the Ray cluster did not start (exit {proc.poll()}):\n{log}")
+        raise RuntimeError(f"the Ray cluster did not start within {timeout}s (exit {proc.poll()}):\n{log}")
     return json.loads(line)
 
 
@@ -98,8 +99,10 @@ def serve(worker_nodes: int, cpus_per_node: int) -> None:
                           "nodes": 1 + worker_nodes}), flush=True)
         while True:
             time.sleep(3600)
-    finally:
-        cluster.shutdown()
+    finally:  # no graceful drain: nothing of value runs on a test cluster when it is stopped
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node, allow_graceful=False)
+        cluster.remove_node(cluster.head_node, allow_graceful=False)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def test_data_stages_on_s3_are_versioned_by_manifests(s3_env, tmp_path):
     pack_metrics = json.loads(open(os.path.join(project, "metrics/pack.json")).read())
     assert pack_metrics["remote_output"]["files"] == len(manifests["pack"]["files"])
     lock = yaml.safe_load(open(os.path.join(project, "dvc.lock")))
-    assert lock["stages"]["clean"]["deps"][-1]["path"] == f"{prefix}/sources"
-    assert lock["stages"]["pack"]["outs"][0]["path"] == "data/shards"
+    assert f"{prefix}/sources" in [d["path"] for d in lock["stages"]["clean"]["deps"]]
+    assert "data/shards" in [o["path"] for o in lock["stages"]["pack"]["outs"]]
 
     # nothing changed: nothing reruns
     assert stages_run(run(project, "dvc", "repro", "pack").stdout) == []

@@ -1,0 +1,96 @@
+"""Smoke tests of the data-stage benchmarks (tokenize, clean, growth) at tiny sizes, and of the
+process-tree sampler behind their "per CPU core" figures.
+
+They check that each script runs end to end on real Ray and real stages and reports its
+fields; they never assert a speed (targets live in the benchmarks' output, RESULTS.md).
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import clean_throughput, growth, tokenize_throughput
+from benchmarks.data_common import TreeMonitor, pss_bytes, scene_images
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\nb = bytearray(64 << 20)\ntime.sleep(0.5)"
+
+
+def test_tree_monitor_counts_a_process_cpu_and_memory():
+    """A process that burns 0.4 CPU-s and then holds 64 MiB: both show up, as its driver's."""
+    proc = subprocess.Popen([sys.executable, "-c", BURN])
+    with TreeMonitor(root_pid=proc.pid, interval=0.05, pss=True) as mon:
+        proc.wait()
+    u = mon.usage
+    assert 0.3 <= u.cpu_s["driver"] <= 2.0, u.cpu_s
+    assert u.cpu_s["workers"] == 0 and u.worker_cpu_s == []
+    assert u.peak_rss["driver"] >= 64 << 20 and u.peak_tree_pss >= 64 << 20
+    assert u.wall_s >= 0.4 and u.samples >= 3
+    assert u.critical_cpu_s == u.cpu_s["driver"]
+
+
+def test_pss_of_this_process_is_at_most_its_rss():
+    import psutil
+
+    pss = pss_bytes(psutil.Process().pid)
+    assert pss is not None and 0 < pss <= psutil.Process().memory_info().rss
+
+
+def test_scene_images_are_decodable_photo_sized_jpegs():
+    import io
+
+    from PIL import Image
+
+    blobs = scene_images(2, 64, "jpg", height=48)
+    assert len(blobs) == 2 and blobs[0] != blobs[1]
+    assert Image.open(io.BytesIO(blobs[0])).size == (64, 48)
+
+
+@pytest.mark.slow
+def test_tokenize_throughput_tiny(ray_local, tmp_path, capsys):
+    result = tokenize_throughput.main(["--images", "48", "--parts", "2", "--small", "8", "--batch-size", "16",
+                                       "--rounds", "1", "--tmp", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "target >= 0.8x" in out and "target >= 1.7x" in out
+    assert result["images"] == 48 and result["parts"] == 2
+    for key in ("bare_images_per_cpu_s", "bare_png_images_per_cpu_s", "stage_x1_images_per_cpu_s",
+                "stage_x2_images_per_cpu_s", "ratio_per_core_cpu", "speedup_1_to_2_wall",
+                "speedup_1_to_2_cpu_path", "fixed_cpu_s_x2"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert set(result["runs"]) == {"bare", "bare_png", "stage_x1", "stage_x2", "small_x1", "small_x2"}
+    x2 = result["runs"]["stage_x2"][0]
+    assert x2["images"] == 48 and x2["cpu_s"]["workers"] > 0 and len(x2["worker_cpu_s"]) >= 2
+
+
+@pytest.mark.slow
+def test_clean_throughput_tiny(ray_local, tmp_path, capsys):
+    result = clean_throughput.main(["--images", "12", "--image-size", "64", "--photos", "3", "--docs", "40",
+                                    "--text-files", "2", "--small", "4", "--rounds", "1", "--tmp", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "images: per core" in out and "texts: per core" in out
+    cases = result["cases"]
+    assert set(cases) == {"images", "photos", "texts"}
+    assert cases["images"]["n"] == 12 and cases["photos"]["n"] == 3 and cases["texts"]["n"] == 40
+    for case in cases.values():
+        assert case["bare_per_cpu_s"] > 0 and case["stage_per_cpu_s"] > 0 and case["ratio_per_core_cpu"] > 0
+        assert 0 < case["kept"] <= case["n"]
+    assert cases["photos"]["decode_only_per_cpu_s"] > 0 and cases["images"]["steps_loop_per_cpu_s"] > 0
+
+
+@pytest.mark.slow
+def test_growth_tiny(tmp_path, capsys):
+    """Stages run as their own processes (own Ray each), so this needs no ray_local."""
+    result = growth.main(["--scales", "1,2,3", "--pairs", "8", "--images", "4", "--docs", "20",
+                          "--vocab-size", "120", "--tmp", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "peak memory" in out and "time x3 / x1" in out
+    assert result["corpus"][2]["pairs"] == 16 and result["corpus"][3]["images"] == 12
+    for stage in growth.STAGES:
+        for scale in (1, 2, 3):
+            r = result["stages"][stage][scale]
+            assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_tree_pss"] > r["peak_driver_rss"] > 0
+    assert result["stages"]["pack"][3]["metrics"]["rows"] > result["stages"]["pack"][1]["metrics"]["rows"]
+    assert result["memory_scale"] == 2 and set(result["memory_ratios"]) == set(growth.STAGES)
+    assert math.isfinite(result["time_ratio"]) and math.isfinite(result["marginal_growth"])

@@ -1,0 +1,26 @@
+"""Two clean runs of the demo's data stages (`dvc repro pack` in two fresh project copies)
+record identical hashes in dvc.lock for every data output."""
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability.conftest import DATA_STAGES, new_project, read_lock, repro_timed
+
+pytestmark = pytest.mark.slow
+
+
+def data_outs(lock: dict) -> dict[str, dict]:
+    """stage -> {out path: (md5, size, nfiles)} for the stage's data outputs (metrics, which
+    hold timings, are not data)."""
+    return {stage: {o["path"]: (o["md5"], o.get("size"), o.get("nfiles"))
+                    for o in lock["stages"][stage]["outs"] if o["path"].startswith("data/")}
+            for stage in DATA_STAGES}
+
+
+def test_two_clean_runs_give_identical_dvc_lock_hashes(reference, tmp_path):
+    root = new_project(str(tmp_path / "second"))
+    repro_timed(root, "pack")
+    first, second = data_outs(reference.lock), data_outs(read_lock(root))
+    for stage in DATA_STAGES:
+        assert first[stage], f"{stage}: no data output in dvc.lock"
+        assert second[stage] == first[stage], f"{stage}: outputs differ between two clean runs"

@@ -1,0 +1,78 @@
+"""A Ray worker SIGKILLed in the middle of a task is retried; the stage output is unchanged.
+
+clean runs its per-unit map as Ray tasks (retried on worker death: Ray's default
+max_retries); tokenize runs an actor pool (Ray Data gives its actors max_restarts=-1 and
+max_task_retries=-1 unless a stage overrides them). Each test runs the stage as
+`python -m stages.<name>` in a project copy, watches the stage's processes for a worker
+whose title (Ray sets ``ray::<task>`` while a task runs) shows it executing the map, kills
+it with SIGKILL, and compares the finished output with the uninterrupted reference run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.reliability.conftest import new_project
+from tests.reliability.processes import kill, log_tail, start_stage
+from tests.reliability.test_stage_kills import files_under
+
+pytestmark = pytest.mark.slow
+
+
+def run_killing_one_worker(project: str, stage: str, title: str, log: str, timeout: float = 900) -> dict:
+    """Run the stage; SIGKILL the first of its processes whose title starts with ``title``;
+    return what was killed and the exit code."""
+    proc = start_stage(project, stage, log)
+    driver, killed, deadline = psutil.Process(proc.pid), None, time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if killed is None:
+                killed = _kill_running(driver, title)
+            time.sleep(0.01)
+        assert proc.poll() is not None, f"{stage} did not finish in {timeout}s\n{log_tail(log)}"
+    finally:
+        if proc.poll() is None:
+            kill(proc, signal.SIGKILL)
+    return {"killed": killed, "returncode": proc.returncode}
+
+
+def _kill_running(driver: psutil.Process, title: str) -> dict | None:
+    try:
+        workers = driver.children(recursive=True)
+    except psutil.Error:
+        return None
+    for worker in workers:
+        try:
+            if " ".join(worker.cmdline()).startswith(title):  # read just before the kill
+                worker.kill()
+                return {"pid": worker.pid, "title": title}
+        except psutil.Error:
+            continue
+    return None
+
+
+def reader_visible(root: str) -> dict[str, bytes]:
+    """What a reader of the output sees: everything but temp files of interrupted writes."""
+    return {rel: data for rel, data in files_under(root).items() if ".tmp-" not in rel}
+
+
+@pytest.mark.parametrize("stage, inputs, out, title", [
+    ("clean", ["data/demo"], "data/clean", "ray::MapBatches(process_units)"),
+    ("tokenize", ["data/clean", "data/text_tokenizer", "data/visual_tokenizer"], "data/tokenized",
+     "ray::MapWorker(MapBatches(PartTokenizer)).submit"),
+], ids=["clean-task", "tokenize-actor"])
+def test_worker_killed_mid_task_is_retried_with_same_output(reference, tmp_path, stage, inputs, out, title):
+    project = new_project(str(tmp_path / "project"))
+    for rel in inputs:
+        shutil.copytree(os.path.join(reference.root, rel), os.path.join(project, rel))
+    log = str(tmp_path / "stage.log")
+    result = run_killing_one_worker(project, stage, title, log)
+    assert result["killed"], f"no worker was seen running {title!r}; nothing was killed\n{log_tail(log)}"
+    assert result["returncode"] == 0, f"{stage} failed after its worker was killed\n{log_tail(log)}"
+    print(f"{stage}: killed {result['killed']}")
+    assert reader_visible(os.path.join(project, out)) == reader_visible(os.path.join(reference.root, out))
