@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from model.batch import ImagePart, MixedBatch, collate_rows
-from model.masking import TextMask
+from model.batch import MixedBatch, collate_rows
+from model.masking import TextMask, block_mask, num_to_mask
 from model.task import PretrainMasks
 from pipelines import storage
 from pipelines.schema import MODALITIES
@@ -207,30 +207,43 @@ def _pad_text_mask(m: TextMask, length: int, pad_id: int) -> TextMask:
                     torch.nn.functional.pad(m.selected, (0, extra), value=False))
 
 
-def sample_masks(masker, batch: MixedBatch, seeds: dict[str, list[int]], pad_id: int) -> PretrainMasks:
-    """Masks drawn sample by sample, each from its own seed, so they do not depend on which
-    other samples share the batch (or the worker)."""
+def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[str, range],
+               global_batch: dict[str, int], pad_id: int) -> PretrainMasks:
+    """This worker's masks at ``step``, identical for any number of workers.
+
+    Text: drawn sample by sample from a seed of the sample's stream position (cheap, and
+    independent of the padding the other samples of the batch bring). Images: the
+    block-wise masks depend on nothing but the grid, so every worker draws the whole global
+    batch's masks in one batched call (seeded by step and modality) and keeps its slice.
+    """
     cfg, out = masker.masking, {}
 
-    def text_masks(part, ratio, gens):
+    def text_masks(part, ratio, modality):
         lengths = (~part.padding_mask).sum(1).tolist()
+        gens = [torch.Generator().manual_seed(mix_seed(seed, MODALITIES.index(modality), p))
+                for p in positions[modality]]
         rows = [_pad_text_mask(masker.text(part.ids[i:i + 1, :n], part.padding_mask[i:i + 1, :n], ratio, g),
                                part.ids.shape[1], pad_id) for i, (n, g) in enumerate(zip(lengths, gens))]
         return TextMask(torch.cat([r.input_ids for r in rows]), torch.cat([r.selected for r in rows]))
 
-    def image_masks(part, ratio, gens):
-        return torch.cat([masker.image(ImagePart(part.pixels[i:i + 1], part.visual_tokens[i:i + 1]), ratio, g)
-                          for i, g in enumerate(gens)])
+    def image_masks(part, ratio, modality, key):
+        grid = tuple(d // masker.patch_size for d in part.pixels.shape[-2:])
+        n = part.visual_tokens.shape[1]
+        if grid[0] * grid[1] != n:
+            raise ValueError(f"{modality}: a {grid[0]}x{grid[1]} patch grid but {n} visual tokens per image")
+        gen = torch.Generator().manual_seed(mix_seed(seed, step, MODALITIES.index(modality), key))
+        masks = block_mask(global_batch[modality], grid, num_to_mask(ratio, n), cfg.min_block, generator=gen)
+        first = positions[modality].start - step * global_batch[modality]
+        return masks[first:first + part.batch_size]
 
-    gens = {m: [torch.Generator().manual_seed(s) for s in seeds.get(m, [])] for m in MODALITIES}
     if batch.text is not None:
-        out["text"] = text_masks(batch.text, cfg.text_ratio, gens["text"])
+        out["text"] = text_masks(batch.text, cfg.text_ratio, "text")
     if batch.image is not None:
-        out["image"] = image_masks(batch.image, cfg.image_ratio, gens["image"])
+        out["image"] = image_masks(batch.image, cfg.image_ratio, "image", 0)
     if batch.pair is not None:
-        out["pair_text"] = text_masks(batch.pair, cfg.caption_ratio, gens["pair"])
+        out["pair_text"] = text_masks(batch.pair, cfg.caption_ratio, "pair")
         if cfg.pair_image_ratio > 0:
-            out["pair_image"] = image_masks(batch.pair, cfg.pair_image_ratio, gens["pair"])
+            out["pair_image"] = image_masks(batch.pair, cfg.pair_image_ratio, "pair", 1)
     return PretrainMasks(**out)
 
 
@@ -257,9 +270,8 @@ class StepLoader:
     def _load(self, step: int):
         rows = self.stream.rows(step)
         batch = collate_rows(rows, self.pad_id)
-        seeds = {m: [mix_seed(self.seed, MODALITIES.index(m), p) for p in positions]
-                 for m, positions in self.stream.positions(step).items()}
-        masks = sample_masks(self.masker, batch, seeds, self.pad_id)
+        masks = step_masks(self.masker, batch, step, self.seed, self.stream.positions(step),
+                           self.stream.batch, self.pad_id)
         ids = [r["id"] for r in rows] if self.log_samples else None
         return batch, masks, ids, count_tokens(batch)
 
@@ -274,4 +286,4 @@ class StepLoader:
 
 
 __all__ = ["ShardIndex", "absolute", "read_manifest", "split_index", "ModalityOrder", "worker_positions", "ShardRowReader", "MixedStream",
-           "mix_seed", "sample_masks", "count_tokens", "StepLoader"]
+           "mix_seed", "step_masks", "count_tokens", "StepLoader"]

@@ -49,8 +49,9 @@ def store_for(out_dir: str) -> str:
     """The content-addressed store of ``out_dir``: ``.cas`` beside it (shared by sibling outputs)."""
     out_dir = str(out_dir).rstrip("/")
     if storage.is_uri(out_dir) and "/" not in out_dir.partition("://")[2]:
-        # out_dir is a bucket root: keep the store inside it
-        return storage.join(out_dir, STORE)
+        raise ValueError(f"{out_dir}: give a stage output a prefix inside the bucket (e.g. {out_dir}/run/shards), "
+                         "not the bucket root: its content-addressed store sits beside it, where a rerun "
+                         "that clears the output cannot reach")
     return storage.join(posixpath.dirname(out_dir), STORE)
 
 
@@ -130,7 +131,10 @@ def _replace_dir_with_manifest(tracked_dir: str, manifest: dict) -> None:
         old = f"{final}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
         os.replace(staging, final)
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
     else:
         os.replace(staging, final)
 

@@ -26,7 +26,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.configs import check
 from pipelines.metrics import METRICS_DIR
-from pipelines.report_charts import (CSS, KEPT_COLOR, bar_chart, color_of, esc, fmt, legend, line_chart,
+from pipelines.report_charts import (CSS, KEPT_COLOR, bar_chart, color_of, esc, legend, line_chart,
                                      stacked_bars, table)
 
 CODE_ROWS = 50_000      # val rows whose visual tokens are counted for codebook usage

@@ -3,8 +3,9 @@
 Everything random is a function of (seed, step, sample position), never of the
 worker count or of how the run was interrupted:
 - data order: pipelines.pretrain_data (the step fixes which samples come next);
-- masks: drawn per sample from a generator seeded by the sample's stream position,
-  so one worker and two workers mask the same sample the same way;
+- masks: text masks seeded by the sample's stream position, image masks drawn for the
+  whole global batch from (seed, step) and sliced (pretrain_data.step_masks), so one
+  worker and two workers mask the same sample the same way;
 - drop path: the global torch RNG, reseeded from (seed, step, rank) every step.
 So a run resumed from its checkpoint at step t repeats the uninterrupted run from t on.
 """

@@ -67,7 +67,7 @@ def test_tokenize_throughput_tiny(ray_local, tmp_path, capsys):
 @pytest.mark.slow
 def test_clean_throughput_tiny(ray_local, tmp_path, capsys):
     result = clean_throughput.main(["--images", "12", "--image-size", "64", "--photos", "3", "--docs", "40",
-                                    "--text-files", "2", "--small", "4", "--rounds", "1", "--tmp", str(tmp_path)])
+                                    "--text-files", "2", "--rounds", "1", "--tmp", str(tmp_path)])
     out = capsys.readouterr().out
     assert "images: per core" in out and "texts: per core" in out
     cases = result["cases"]

@@ -73,6 +73,31 @@ def test_two_streams_see_the_rows_of_one(tiny_corpus):
             assert [i for i in ids if f"-{m}-" in i] == [i for h in halves for i in h if f"-{m}-" in i]
 
 
+def test_masks_do_not_depend_on_the_worker_count(tiny_corpus, tmp_path):
+    from pipelines.train_loop import PretrainLoop
+
+    job = tiny_job(tiny_corpus, str(tmp_path), batch={"text": 4, "image": 4, "pair": 4})
+
+    def masks(rank, world, step):
+        loader = PretrainLoop(job, rank, world, torch.device("cpu"), None, None).loader
+        try:
+            batch, m, _, _ = loader._load(step)
+        finally:
+            loader.close()
+        lengths = {"text": (~batch.text.padding_mask).sum(1), "pair": (~batch.pair.padding_mask).sum(1)}
+        text = [row[:n].tolist() for row, n in zip(m.text.selected, lengths["text"])]
+        caption = [row[:n].tolist() for row, n in zip(m.pair_text.selected, lengths["pair"])]
+        return text, caption, m.image, m.pair_image
+
+    for step in (0, 5):
+        one = masks(0, 1, step)
+        halves = [masks(r, 2, step) for r in (0, 1)]
+        assert one[0] == halves[0][0] + halves[1][0] and one[1] == halves[0][1] + halves[1][1]
+        assert torch.equal(one[2], torch.cat([halves[0][2], halves[1][2]]))
+        assert torch.equal(one[3], torch.cat([halves[0][3], halves[1][3]]))
+        assert one[2].sum(1).tolist() == [round(0.4 * 4)] * 4  # 40% of the 2x2 grid
+
+
 # ----------------------------------------------------------------------------- config and schedule
 
 def test_config_checks_name_the_key(tmp_path):

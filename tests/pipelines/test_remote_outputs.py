@@ -21,7 +21,8 @@ def test_local_out_dir_is_left_to_dvc(tmp_path):
 def test_store_sits_beside_out_dir():
     assert remote_outputs.store_for("s3://b/run/shards") == "s3://b/run/.cas"
     assert remote_outputs.store_for("s3://b/run/shards/") == "s3://b/run/.cas"
-    assert remote_outputs.store_for("s3://b") == "s3://b/.cas"
+    with pytest.raises(ValueError, match="bucket root"):
+        remote_outputs.store_for("s3://b")
 
 
 def test_manifest_is_content_addressed_and_restorable(tmp_path):

@@ -2,11 +2,14 @@
 
 Its outputs are the reference every killed or disturbed run must reproduce byte for
 byte, its dvc.lock is the first of the two runs the determinism test compares, and
-its per-stage durations size the random kill times.
+its per-stage durations size the random kill times. Every project copy of a session
+is cloned from one template, so all of them run the same code even while the working
+tree is being edited.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -40,12 +43,10 @@ class Reference:
     lock: dict                   # its dvc.lock
 
 
-def new_project(path: str) -> str:
-    """A fresh project copy with the TINY params, committed."""
-    root = copy_project(path)
-    update_params(root, TINY)
-    run(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny params")
-    return root
+def clone(template: str, path: str) -> str:
+    """A fresh project (sources, git and DVC repo, no outputs) copied from ``template``."""
+    shutil.copytree(template, path, symlinks=True)
+    return path
 
 
 def repro_timed(root: str, target: str, timeout: float = 1500) -> dict[str, float]:
@@ -73,8 +74,17 @@ def read_lock(root: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory) -> Reference:
-    root = new_project(str(tmp_path_factory.mktemp("reliability") / "reference"))
+def template(tmp_path_factory) -> str:
+    """The project's sources copied once, with the TINY params committed."""
+    root = copy_project(str(tmp_path_factory.mktemp("reliability") / "template"))
+    update_params(root, TINY)
+    run(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny params")
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference(template, tmp_path_factory) -> Reference:
+    root = clone(template, str(tmp_path_factory.mktemp("reliability") / "reference"))
     durations = repro_timed(root, "pack")
     assert list(durations) == DATA_STAGES, durations
     return Reference(root, durations, read_lock(root))

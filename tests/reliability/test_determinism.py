@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.conftest import DATA_STAGES, new_project, read_lock, repro_timed
+from tests.reliability.conftest import DATA_STAGES, clone, read_lock, repro_timed
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,8 @@ def data_outs(lock: dict) -> dict[str, dict]:
             for stage in DATA_STAGES}
 
 
-def test_two_clean_runs_give_identical_dvc_lock_hashes(reference, tmp_path):
-    root = new_project(str(tmp_path / "second"))
+def test_two_clean_runs_give_identical_dvc_lock_hashes(template, reference, tmp_path):
+    root = clone(template, str(tmp_path / "second"))
     repro_timed(root, "pack")
     first, second = data_outs(reference.lock), data_outs(read_lock(root))
     for stage in DATA_STAGES:

@@ -28,7 +28,7 @@ import time
 import pytest
 
 from tests.project import run
-from tests.reliability.conftest import new_project
+from tests.reliability.conftest import clone
 from tests.reliability.processes import kill, log_tail, start_stage, wait_for
 
 pytestmark = pytest.mark.slow
@@ -78,10 +78,10 @@ def visible_state(out: str, previous: dict, expected: dict, context: str) -> str
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
 @pytest.mark.parametrize("stage", list(OUT_DIR))
-def test_killed_stage_shows_old_or_no_output_then_rerun_matches(reference, tmp_path, stage, signame):
+def test_killed_stage_shows_old_or_no_output_then_rerun_matches(template, reference, tmp_path, stage, signame):
     sig = getattr(signal, signame)
     rng = random.Random(f"{SEED}/{stage}/{signame}")
-    project = new_project(str(tmp_path / "project"))
+    project = clone(template, str(tmp_path / "project"))
     for rel in INPUTS[stage]:
         shutil.copytree(os.path.join(reference.root, rel), os.path.join(project, rel))
     out = os.path.join(project, OUT_DIR[stage])

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.reliability.conftest import new_project
+from tests.reliability.conftest import clone
 from tests.reliability.processes import kill, log_tail, start_stage
 from tests.reliability.test_stage_kills import files_under
 
@@ -66,8 +66,9 @@ def reader_visible(root: str) -> dict[str, bytes]:
     ("tokenize", ["data/clean", "data/text_tokenizer", "data/visual_tokenizer"], "data/tokenized",
      "ray::MapWorker(MapBatches(PartTokenizer)).submit"),
 ], ids=["clean-task", "tokenize-actor"])
-def test_worker_killed_mid_task_is_retried_with_same_output(reference, tmp_path, stage, inputs, out, title):
-    project = new_project(str(tmp_path / "project"))
+def test_worker_killed_mid_task_is_retried_with_same_output(template, reference, tmp_path, stage, inputs, out,
+                                                            title):
+    project = clone(template, str(tmp_path / "project"))
     for rel in inputs:
         shutil.copytree(os.path.join(reference.root, rel), os.path.join(project, rel))
     log = str(tmp_path / "stage.log")
