@@ -20,8 +20,8 @@ daemons) with psutil every ``--interval`` s (benchmarks.data_common.TreeMonitor)
   the processes that map them, so they count once).
 
 Linearity is judged twice: the issue's ratio T(16x) / T(1x) <= 20, which a fixed start-up
-cost makes easy, and the marginal cost per 1x of data between the smallest and the middle
-scale against the middle and the largest, which a super-linear step would make grow.
+cost makes easy, and a least-squares line through the CPU seconds of all scales (fixed +
+per-1x cost) whose residuals a super-linear step would make large.
 """
 from __future__ import annotations
 
@@ -169,6 +169,13 @@ def main(argv=None) -> dict:
     return summarize(results)
 
 
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (xs, ys)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
 def summarize(results: dict) -> dict:
     scales, stages = results["scales"], results["stages"]
     first, last = scales[0], scales[-1]
@@ -178,11 +185,10 @@ def summarize(results: dict) -> dict:
     results["total_wall_s"], results["total_cpu_s"] = total, total_cpu
     results["time_ratio"] = ratio(total[last], total[first])
     results["cpu_ratio"] = ratio(total_cpu[last], total_cpu[first])
-    if len(scales) >= 3:  # marginal CPU per 1x of data: first -> middle vs middle -> last
-        lo, hi = scales[(len(scales) - 1) // 2], last
-        results["marginal_segments"] = [first, lo, hi]
-        results["marginal_growth"] = ratio((total_cpu[hi] - total_cpu[lo]) / (hi - lo),
-                                           (total_cpu[lo] - total_cpu[first]) / (lo - first))
+    if len(scales) >= 3:  # least-squares line CPU = fixed + per_x * scale; residuals show curvature
+        fixed, per_x = linear_fit(scales, [total_cpu[s] for s in scales])
+        results["cpu_fit"] = {"fixed_s": fixed, "per_1x_s": per_x, "max_residual": max(
+            abs(total_cpu[s] - fixed - per_x * s) / total_cpu[s] for s in scales)}
     results["memory_ratios"] = {st: {key: ratio(stages[st][mid][key], stages[st][first][key])
                                      for key in ("peak_driver_rss", "peak_worker_rss", "peak_tree_pss")}
                                 for st in STAGES}
@@ -206,10 +212,11 @@ def print_growth(results: dict) -> None:
     first, last = scales[0], scales[-1]
     print(f"time x{last} / x{first}: wall {results['time_ratio']:.2f}x, CPU {results['cpu_ratio']:.2f}x "
           f"(limit {20 * last / 16:.0f}x for {last}x data)")
-    if "marginal_growth" in results:
-        a, b, c = results["marginal_segments"]
-        print(f"marginal CPU per 1x of data, x{b}->x{c} vs x{a}->x{b}: {results['marginal_growth']:.2f}x "
-              "(1.0 = linear)")
+    if "cpu_fit" in results:
+        f = results["cpu_fit"]
+        print(f"CPU s of the three stages = {f['fixed_s']:.1f} fixed (3 Ray starts, worker imports) + "
+              f"{f['per_1x_s']:.2f} per 1x of data; largest residual {100 * f['max_residual']:.0f}% "
+              "(small = linear)")
     mid = results["memory_scale"]
     for st, r in results["memory_ratios"].items():
         print(f"peak memory x{mid} / x{first}, {st}: driver {r['peak_driver_rss']:.2f}x, largest worker "

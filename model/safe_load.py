@@ -16,14 +16,21 @@ class UnsafeCheckpointError(RuntimeError):
     """The checkpoint holds pickled objects beyond tensors and was not loaded."""
 
 
-def load_torch_checkpoint(path: str | os.PathLike):
-    """``torch.load(path, map_location='cpu', weights_only=True)`` with a clear refusal."""
+def load_torch_checkpoint(path):
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with a clear refusal.
+
+    ``path``: a path or a binary file object.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
-            f"{os.fspath(path)}: refused to load: the file contains pickled objects other than "
+            f"{_name(path)}: refused to load: the file contains pickled objects other than "
             "tensors and plain containers, which could execute code. Load only checkpoints you "
             "trust, re-saved as a plain state dict or as safetensors. "
             f"(torch said: {str(err).splitlines()[0]})"
         ) from err
+
+
+def _name(path) -> str:
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", repr(path))

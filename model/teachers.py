@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.safe_load import load_torch_checkpoint
 from model.vqkd import ViT, load_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -212,7 +213,7 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_torch_checkpoint(path)
     for key in ("model", "state_dict", "teacher"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             return raw[key]

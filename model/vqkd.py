@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.safe_load import load_torch_checkpoint
+
 STATE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DROPPED_PREFIXES = ("loss", "teacher", "scaling")  # training-only parts of the released files
@@ -290,7 +292,7 @@ class VQKD(nn.Module):
         are dropped; everything else must match exactly. ``config`` defaults to the
         one read off the tensor shapes (heads = dim / 64, as in every released model).
         """
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_torch_checkpoint(path)
         state = _unwrap(raw, path)
         state = {k: v for k, v in state.items() if not k.startswith(DROPPED_PREFIXES)}
         model = cls(config or config_from_state(state))

@@ -165,16 +165,17 @@ def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tup
 
     from model.vqkd import preprocess
 
+    ids = sorted({i for path in parts for i in storage.read_parquet(path, ["id"]).column("id").to_pylist()})
+    random.Random(seed).shuffle(ids)
+    wanted = set(ids[:limit])  # read only the chosen images' bytes: corpora can be large
     rows = {}
     for path in parts:
         table = storage.read_parquet(path, columns=["id", "image"])
         for id_, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
-            if data is not None:
+            if id_ in wanted and data is not None:
                 rows.setdefault(id_, data)
-    ids = sorted(rows)
-    random.Random(seed).shuffle(ids)
-    out, bad = [], 0
-    for id_ in ids[:limit]:
+    out, bad = [], len(wanted) - len(rows)  # null image bytes count as undecodable
+    for id_ in (i for i in ids[:limit] if i in rows):
         try:
             with Image.open(io.BytesIO(rows[id_])) as img:
                 x = preprocess(img, image_size)

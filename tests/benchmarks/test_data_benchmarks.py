@@ -48,6 +48,14 @@ def test_scene_images_are_decodable_photo_sized_jpegs():
     assert Image.open(io.BytesIO(blobs[0])).size == (64, 48)
 
 
+def test_growth_linear_fit_recovers_a_line_and_flags_curvature():
+    fixed, per_x = growth.linear_fit([1, 4, 10, 16], [70 + 3 * s for s in (1, 4, 10, 16)])
+    assert fixed == pytest.approx(70) and per_x == pytest.approx(3)
+    fixed, per_x = growth.linear_fit([1, 4, 10, 16], [70 + 0.5 * s * s for s in (1, 4, 10, 16)])
+    residual = max(abs(70 + 0.5 * s * s - fixed - per_x * s) / (70 + 0.5 * s * s) for s in (1, 4, 10, 16))
+    assert residual > 0.05  # a quadratic cost leaves visible residuals
+
+
 @pytest.mark.slow
 def test_tokenize_throughput_tiny(ray_local, tmp_path, capsys):
     result = tokenize_throughput.main(["--images", "48", "--parts", "2", "--small", "8", "--batch-size", "16",
@@ -93,4 +101,4 @@ def test_growth_tiny(tmp_path, capsys):
             assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_tree_pss"] > r["peak_driver_rss"] > 0
     assert result["stages"]["pack"][3]["metrics"]["rows"] > result["stages"]["pack"][1]["metrics"]["rows"]
     assert result["memory_scale"] == 2 and set(result["memory_ratios"]) == set(growth.STAGES)
-    assert math.isfinite(result["time_ratio"]) and math.isfinite(result["marginal_growth"])
+    assert math.isfinite(result["time_ratio"]) and result["cpu_fit"]["per_1x_s"] != 0

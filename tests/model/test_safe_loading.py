@@ -38,3 +38,15 @@ def test_plain_state_dict_loads(tmp_path):
     path = tmp_path / "ok.pth"
     torch.save({"model": {"w": torch.ones(2)}}, path)
     assert torch.equal(load_torch_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+def test_malicious_tokenizer_checkpoint_is_refused(tmp_path):
+    from model.vqkd import VQKD
+
+    marker, ckpt = tmp_path / "pwned", tmp_path / "vqkd.pth"
+    _write_malicious(ckpt, marker)
+    with pytest.raises(UnsafeCheckpointError, match="vqkd.pth"):
+        VQKD.from_official(str(ckpt))
+    with open(ckpt, "rb") as f, pytest.raises(UnsafeCheckpointError, match="refused"):
+        VQKD.from_official(f)
+    assert not marker.exists()

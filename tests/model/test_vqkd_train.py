@@ -15,7 +15,7 @@ from model.vqkd_train import (VQKDTrainConfig, code_histograms, code_usage, ema_
                               init_codebook, kmeans_cosine, precompute_targets, restart_dead_codes,
                               train_vqkd)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # a second thread stalls badly on shared cores; these runs are small
 
 
 def square_image(colour, size=32, box=(8, 8, 24, 24), background=(1.0, 1.0, 1.0)) -> torch.Tensor:
@@ -221,16 +221,18 @@ def test_tiny_hog_tokenizer_learns_a_used_codebook_that_carries_shape():
     teacher = HOGTeacher(16)
     torch.manual_seed(0)
     model = VQKD(vqkd_preset("tiny", out_dim=teacher.dim))
+    targets, weights = precompute_targets(teacher, train_x)  # as the stage does
     g = torch.Generator().manual_seed(0)
 
     def batches():
         while True:
             perm = torch.randperm(len(train_x), generator=g)
             for i in range(0, len(perm) - 63, 64):
-                yield train_x[perm[i:i + 64]]
+                rows = perm[i:i + 64]
+                yield train_x[rows], targets[rows], weights[rows]
 
     start = time.perf_counter()
-    logs = train_vqkd(model, teacher, batches(), VQKDTrainConfig(steps=250, warmup_steps=80))
+    logs = train_vqkd(model, None, batches(), VQKDTrainConfig(steps=250, warmup_steps=80))
     print(f"trained 250 steps in {time.perf_counter() - start:.0f} s")
     usage = code_usage(model.codes(hold_x), model.config.n_codes)
     hist = code_histograms(model.codes(probe_x), model.config.n_codes)

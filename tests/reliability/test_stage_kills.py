@@ -27,11 +27,10 @@ import time
 
 import pytest
 
+from pipelines import storage
 from tests.project import run
 from tests.reliability.conftest import clone
 from tests.reliability.processes import kill, log_tail, start_stage, wait_for
-
-pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("RELIABILITY_KILL_SEED", random.SystemRandom().randrange(2**31)))
 OUT_DIR = {"demo_data": "data/demo", "clean": "data/clean",
@@ -76,6 +75,7 @@ def visible_state(out: str, previous: dict, expected: dict, context: str) -> str
                          f"missing {missing}, extra {extra}, differing {changed}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
 @pytest.mark.parametrize("stage", list(OUT_DIR))
 def test_killed_stage_shows_old_or_no_output_then_rerun_matches(template, reference, tmp_path, stage, signame):
@@ -125,3 +125,22 @@ def _read(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def test_publish_dir_swaps_whole_directories(tmp_path):
+    """The swap the stages above rely on: stale staging dirs of killed runs are cleared, the
+    previous output is replaced as a whole, nothing is left beside it."""
+    out = str(tmp_path / "out")
+    write_files(out, {"old-only.txt": b"old", "a.parquet": b"old a"})
+    os.makedirs(out + ".tmp-deadbeef")  # a killed run's staging dir
+    staging = storage.staging_dir(out)
+    assert not os.path.exists(out + ".tmp-deadbeef") and files_under(out)["a.parquet"] == b"old a"
+    storage.write_bytes(os.path.join(staging, "a.parquet"), b"new a")
+    storage.publish_dir(staging, out)
+    assert files_under(out) == {"a.parquet": b"new a"}
+    assert os.listdir(tmp_path) == ["out"]
+
+    staging = storage.staging_dir(str(tmp_path / "fresh"))  # no previous output
+    storage.write_bytes(os.path.join(staging, "b.json"), b"{}")
+    storage.publish_dir(staging, str(tmp_path / "fresh"))
+    assert files_under(str(tmp_path / "fresh")) == {"b.json": b"{}"}
