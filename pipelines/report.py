@@ -117,8 +117,9 @@ def funnel_section(clean: dict | None, path: str) -> Section:
 # ---------------------------------------------------------------- samples
 
 def _val_rows(shards_dir: str, num_pairs: int) -> dict:
-    """From the val shards (train if there are none): the first ``num_pairs`` pair rows and up
-    to CODE_ROWS visual-token rows -> {"pairs", "codes" (M, N) int, "split", "missing"}."""
+    """From the val shards (train if there are none): the first ``num_pairs`` pair rows and the
+    visual tokens of up to CODE_ROWS rows -> {"pairs", "codes" (M, N) int, "split", "missing"}.
+    Reads batch by batch and only the columns needed, so real shards (MBs of images) stay cheap."""
     out = {"pairs": [], "codes": np.zeros((0, 0), np.int64), "split": None, "missing": []}
     manifest_path = storage.join(shards_dir, "manifest.json")
     if not storage.exists(manifest_path):
@@ -126,18 +127,29 @@ def _val_rows(shards_dir: str, num_pairs: int) -> dict:
         return out
     shards = storage.read_json(manifest_path)["shards"]
     split = "val" if any(s["split"] == "val" for s in shards) else "train"
-    codes = []
-    for entry in (s for s in shards if s["split"] == split):
-        if len(out["pairs"]) >= num_pairs and sum(map(len, codes)) >= CODE_ROWS:
+    paths = [storage.join(shards_dir, s["path"]) for s in shards if s["split"] == split]
+    for batch in _batches(paths, ["id", "modality", "text_ids", "image", "visual_tokens", "source"]):
+        if len(out["pairs"]) >= num_pairs:
             break
-        table_ = storage.read_parquet(storage.join(shards_dir, entry["path"]))
-        rows = table_.select(["id", "modality", "text_ids", "image", "visual_tokens", "source"]).to_pylist()
-        codes += [r["visual_tokens"] for r in rows if r["visual_tokens"] is not None]
-        out["pairs"] += [r for r in rows if r["modality"] == "pair"][: num_pairs - len(out["pairs"])]
-    codes = codes[:CODE_ROWS]
-    out["codes"] = np.asarray(codes, np.int64) if codes else out["codes"]
+        out["pairs"] += [r for r in batch.to_pylist() if r["modality"] == "pair"][: num_pairs - len(out["pairs"])]
+    codes = []
+    for batch in _batches(paths, ["visual_tokens"]):
+        codes += [c for c in batch.column("visual_tokens").to_pylist() if c is not None]
+        if len(codes) >= CODE_ROWS:
+            break
+    out["codes"] = np.asarray(codes[:CODE_ROWS], np.int64) if codes else out["codes"]
     out["split"] = split
     return out
+
+
+def _batches(paths: list[str], columns: list[str], batch_rows: int = 256):
+    """Record batches of ``columns`` from the Parquet files in order (local or URIs)."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        fs, p = storage.filesystem(path)
+        with fs.open_input_file(p) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def samples_section(val: dict, text_tokenizer_dir: str, masking, cfg: ReportConfig) -> Section:
