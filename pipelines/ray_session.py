@@ -49,9 +49,7 @@ def ray_session(config: RayConfig):
         return
     project_root = os.getcwd()
     runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath(project_root)}}
-    # Inside a Ray Job RAY_ADDRESS names the cluster: join it rather than start one.
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    if address is None:
+    if config.address is None:
         ray.init(
             num_cpus=local_num_cpus(config),
             include_dashboard=True,
@@ -62,7 +60,7 @@ def ray_session(config: RayConfig):
             logging_level="WARNING",
         )
     else:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
+        ray.init(address=config.address, runtime_env=runtime_env, logging_level="WARNING")
     try:
         yield ray
     finally:
