@@ -25,10 +25,11 @@ RECALL_AT = (1, 5, 10)
 class RetrievalModel(nn.Module):
     """Backbone + the official retrieval heads (names as in unilm/beit3)."""
 
-    def __init__(self, backbone: BEiT3):
+    def __init__(self, backbone: BEiT3, pool: str = "cls"):
         super().__init__()
         dim = backbone.config.dim
         self.beit3 = backbone
+        self.pool = pool
         self.vision_head = nn.Linear(dim, dim, bias=False)
         self.language_head = nn.Linear(dim, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
@@ -37,12 +38,19 @@ class RetrievalModel(nn.Module):
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D), unit norm."""
-        return F.normalize(self.vision_head(self.beit3.encode(image=images)[:, 0]), dim=-1)
+        hidden = self.beit3.encode(image=images)  # (B, 1 + N, D)
+        pooled = hidden[:, 0] if self.pool == "cls" else hidden[:, 1:].mean(1)
+        return F.normalize(self.vision_head(pooled), dim=-1)
 
     def embed_texts(self, ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids with <s> first -> (B, D), unit norm."""
-        hidden = self.beit3.encode(text=ids, text_padding_mask=padding_mask)
-        return F.normalize(self.language_head(hidden[:, 0]), dim=-1)
+        hidden = self.beit3.encode(text=ids, text_padding_mask=padding_mask)  # (B, L, D)
+        if self.pool == "cls":
+            pooled = hidden[:, 0]
+        else:  # mean over the real tokens
+            keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return F.normalize(self.language_head(pooled), dim=-1)
 
     def contrastive_loss(self, images, ids, padding_mask) -> torch.Tensor:
         """Symmetric InfoNCE over the batch: image i matches caption i."""
@@ -131,7 +139,7 @@ def evaluate_retrieval(backbone: BEiT3, train: RetrievalData, test: RetrievalDat
                        seed: int, device) -> dict:
     """Fine-tune a fresh RetrievalModel around ``backbone`` (heads seeded by ``seed``), then recall."""
     torch.manual_seed(seed)
-    model = RetrievalModel(backbone).to(device)
+    model = RetrievalModel(backbone, cfg.pool).to(device)
     losses = finetune(model, train, cfg, pad_id, seed, device)
     result = recall(model, test, pad_id, device)
     tail = losses[-min(10, len(losses)):]

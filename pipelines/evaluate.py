@@ -35,11 +35,12 @@ class RetrievalConfig:
     steps: int = 150
     batch_size: int = 64
     lr: float = 2e-4        # backbone
-    head_lr: float = 2e-3   # vision_head, language_head, logit_scale (freshly initialised)
+    head_lr: float = 2e-4   # vision_head, language_head, logit_scale (freshly initialised)
     weight_decay: float = 0.05
     warmup_steps: int = 15
     drop_path: float = 0.0
     max_text_len: int = 64
+    pool: Literal["cls", "mean"] = "cls"  # cls: as BEiT3ForRetrieval; mean: of patch / text states
 
     def __post_init__(self):
         check(self.steps >= 1 and self.batch_size >= 2, "evaluate.retrieval: steps >= 1 and batch_size >= 2")
@@ -53,7 +54,7 @@ class ProbeConfig:
     root: str = "data/demo/eval/classification"  # ImageFolder: root/<split>/<class>/<image>
     train_split: str = "train"
     val_split: str = "val"
-    pool: Literal["mean", "cls"] = "mean"
+    pool: Literal["mean", "cls"] = "cls"
     steps: int = 300   # full-batch AdamW steps of the logistic regression
     lr: float = 0.01
     weight_decay: float = 1e-4

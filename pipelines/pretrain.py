@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from model.task import MaskingConfig
@@ -34,7 +35,7 @@ from pipelines.train_loop import CSV_FIELDS, csv_text, read_csv
 RUNTIME_FIELDS = frozenset({
     "out_dir", "checkpoint_dir", "plots_path", "keep_checkpoints", "num_workers", "use_gpu",
     "cpus_per_worker", "threads_per_worker", "strategy", "compile", "activation_checkpointing",
-    "checkpoint_every", "log_every", "log_samples",
+    "checkpoint_every", "log_every", "log_samples", "text_chunks",
 })
 
 
@@ -99,6 +100,7 @@ class PretrainConfig:
     bf16: bool = True  # autocast on GPU (CPU runs stay float32)
     compile: bool = False
     activation_checkpointing: bool = False
+    text_chunks: int = 4  # the text part runs as this many length-sorted pieces (less padding)
     checkpoint_every: int = 100
     checkpoint_dir: str = "checkpoints/pretrain"  # Ray Train storage_path
     keep_checkpoints: int = 2
@@ -125,6 +127,7 @@ class PretrainConfig:
         check(self.checkpoint_every >= 1, "pretrain.checkpoint_every: must be >= 1")
         check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints: must be >= 1")
         check(self.log_every >= 1, "pretrain.log_every: must be >= 1")
+        check(self.text_chunks >= 1, "pretrain.text_chunks: must be >= 1")
         for m, n in self.batch.as_dict().items():
             check(n % self.num_workers == 0,
                   f"pretrain.batch.{m}: {n} is not divisible by pretrain.num_workers={self.num_workers}")
@@ -135,11 +138,26 @@ class PretrainConfig:
         return self.lr * self.batch.total / self.lr_reference_batch
 
     def run_name(self, index: ShardIndex, text_tokenizer_sha: str) -> str:
-        """Names the run after what determines its trajectory, so a changed lr starts a new
-        run while an interrupted identical one resumes."""
+        """Names the run after what determines its trajectory (params, data, tokenizer and the
+        training code), so a changed lr or a fixed bug starts a new run while an interrupted
+        identical one resumes."""
         identity = {k: v for k, v in to_dict(self).items() if k not in RUNTIME_FIELDS}
-        text = json.dumps([identity, index.digest(), text_tokenizer_sha], sort_keys=True)
+        text = json.dumps([identity, index.digest(), text_tokenizer_sha, code_digest()], sort_keys=True)
         return "pretrain-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def code_digest() -> str:
+    """sha256 of the sources that compute the training trajectory: model/ and the loop."""
+    import model
+
+    from pipelines import pretrain_data, pretrain_model, train_loop
+
+    paths = sorted(str(p) for p in Path(model.__file__).parent.glob("*.py"))
+    paths += [m.__file__ for m in (pretrain_data, pretrain_model, train_loop)]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def run_pretraining(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: str,

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from model.batch import MixedBatch, collate_rows
+from model.batch import MixedBatch, TextPart, collate_rows
 from model.masking import TextMask, block_mask, num_to_mask
 from model.task import PretrainMasks
 from pipelines import storage
@@ -247,6 +247,25 @@ def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[
     return PretrainMasks(**out)
 
 
+def split_text_part(batch: MixedBatch, masks: PretrainMasks, chunks: int) -> list[tuple[MixedBatch, PretrainMasks]]:
+    """[(text chunk, its masks)..., (image + pair parts, their masks)]: the text part cut into
+    ``chunks`` length-sorted pieces, each padded to its own longest text. Texts vary a lot in
+    length (demo: median 29, max 256 tokens), so one padded block wastes ~4x the positions."""
+    rest = {name: getattr(batch, name) for name in ("image", "pair") if getattr(batch, name) is not None}
+    rest_masks = PretrainMasks(image=masks.image, pair_text=masks.pair_text, pair_image=masks.pair_image)
+    pieces = [(MixedBatch(**rest), rest_masks)] if rest else []
+    if batch.text is None:
+        return pieces
+    lengths = (~batch.text.padding_mask).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    for group in torch.tensor_split(order, min(max(1, chunks), len(order))):
+        n = int(lengths[group].max())
+        text = TextPart(batch.text.ids[group, :n], batch.text.padding_mask[group, :n])
+        mask = TextMask(masks.text.input_ids[group, :n], masks.text.selected[group, :n])
+        pieces.append((MixedBatch(text=text), PretrainMasks(text=mask)))
+    return pieces
+
+
 def count_tokens(batch: MixedBatch) -> int:
     """Sequence positions the backbone processes (padding excluded)."""
     total = 0
@@ -286,4 +305,4 @@ class StepLoader:
 
 
 __all__ = ["ShardIndex", "absolute", "read_manifest", "split_index", "ModalityOrder", "worker_positions", "ShardRowReader", "MixedStream",
-           "mix_seed", "step_masks", "count_tokens", "StepLoader"]
+           "mix_seed", "step_masks", "split_text_part", "count_tokens", "StepLoader"]

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from model.safe_load import load_torch_checkpoint
 from model.task import PART_KEYS
 from pipelines import pretrain_model as pm
-from pipelines.pretrain_data import MixedStream, StepLoader, mix_seed
+from pipelines.pretrain_data import MixedStream, StepLoader, mix_seed, split_text_part
 
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "logit_scale")
 CSV_FIELDS = ["step", "loss", *[f"loss_{p}" for p in ("text_mlm", "image_mim", "pair_mlm", "pair_mim")],
@@ -78,7 +78,7 @@ class PretrainLoop:
         self.spec = pm.task_spec(cfg, job["text"], job["visual_vocab_size"])
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
         self.task = pm.build_task(self.spec).to(device)
-        self.model = self._wrap(self.task)
+        self.model = self._wrap(StepModule(self.task))
         self.optimizer = torch.optim.AdamW(param_groups(self.task, cfg.weight_decay), lr=cfg.peak_lr,
                                            betas=cfg.betas, eps=cfg.eps)
         self.step, self.history, self.samples, self.elapsed = 0, [], [], 0.0
@@ -161,25 +161,27 @@ class PretrainLoop:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
             if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext()
         with autocast:
-            out = self.model(batch, masks=masks)
-        out.loss.backward()
+            loss, outs = self.model(split_text_part(batch, masks, cfg.text_chunks))
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = self._reduce(out, tokens, batch.num_samples)
+        totals = self._reduce(outs, tokens, batch.num_samples)
         if ids is not None:
             self.samples.append({"step": step + 1, "ids": self._gather(ids)})
         seconds = time.perf_counter() - started
         self.elapsed += seconds
         return step_row(step + 1, totals, lr, float(grad_norm), seconds, self.elapsed)
 
-    def _reduce(self, out, tokens: int, samples: int) -> dict:
-        """Global sums over workers: per part (loss*count, acc*count, count), tokens, samples."""
+    def _reduce(self, outs: list, tokens: int, samples: int) -> dict:
+        """Global sums over workers and pieces: per part (loss*count, acc*count, count), tokens, samples."""
+        zero = torch.zeros((), device=self.device)
         values = []
         for key in PART_KEYS:
-            count = out.counts.get(key, torch.tensor(0)).float().to(self.device)
-            values += [out.losses.get(key, torch.tensor(0.0, device=self.device)) * count,
-                       out.accuracies.get(key, torch.tensor(0.0, device=self.device)) * count, count]
+            counts = [out.counts.get(key, zero).float().to(self.device) for out in outs]
+            values += [sum((out.losses.get(key, zero) * c for out, c in zip(outs, counts)), zero),
+                       sum((out.accuracies.get(key, zero) * c for out, c in zip(outs, counts)), zero),
+                       sum(counts, zero)]
         values += [torch.tensor(float(tokens), device=self.device), torch.tensor(float(samples), device=self.device)]
         vector = torch.stack([v.float().reshape(()) for v in values])
         if _distributed():
@@ -225,6 +227,35 @@ class PretrainLoop:
                  "world_size": self.world_size}
         with open(os.path.join(directory, "state.json"), "w") as f:  # last: marks a complete checkpoint
             json.dump(state, f, indent=2)
+
+
+class StepModule(torch.nn.Module):
+    """A training step's forward as one module call, so DDP / FSDP see one forward and one
+    backward per step even though the text part runs as several length-sorted pieces.
+
+    Registers the task's backbone and heads under the task's own names (the state dict is
+    the PretrainTask's). The loss is PretrainTask's: the mean over the parts present of each
+    part's mean cross-entropy; the text part's mean is recombined from its pieces by count.
+    """
+
+    def __init__(self, task: torch.nn.Module):
+        super().__init__()
+        self.model, self.heads = task.model, task.heads
+        object.__setattr__(self, "task", task)  # a plain reference: parameters registered once
+
+    def forward(self, pieces: list) -> tuple[torch.Tensor, list]:
+        outs = [self.task(batch, masks=masks) for batch, masks in pieces]
+        text = [(out.loss, float(out.counts["text_mlm"])) for out in outs if "text_mlm" in out.counts]
+        others = [out for out in outs if "text_mlm" not in out.counts]
+        text_total = sum(n for _, n in text)
+        terms = [out.loss * len(out.losses) for out in others]  # a piece's loss = mean over its parts
+        parts = sum(len(out.losses) for out in others)
+        if text_total:
+            terms.append(sum(loss * (n / text_total) for loss, n in text))
+            parts += 1
+        if not parts:  # nothing masked anywhere: the task's zero, still connected to the graph
+            return sum(out.loss for out in outs), outs
+        return sum(terms) / parts, outs
 
 
 def step_row(step: int, totals: dict, lr: float, grad_norm: float, seconds: float, elapsed: float) -> dict:

@@ -98,6 +98,27 @@ def test_masks_do_not_depend_on_the_worker_count(tiny_corpus, tmp_path):
         assert one[2].sum(1).tolist() == [round(0.4 * 4)] * 4  # 40% of the 2x2 grid
 
 
+def test_text_chunks_keep_the_loss_and_gradients_of_one_block(tiny_corpus, tmp_path):
+    from pipelines.pretrain_data import split_text_part
+    from pipelines.train_loop import PretrainLoop, StepModule
+
+    loop = PretrainLoop(tiny_job(tiny_corpus, str(tmp_path), batch={"text": 8, "image": 4, "pair": 4}),
+                        0, 1, torch.device("cpu"), None, None)
+    batch, masks, _, _ = loop.loader._load(3)
+    loop.loader.close()
+    step = StepModule(loop.task)
+    results = {}
+    for chunks in (1, 4):
+        loop.task.zero_grad()
+        loss, outs = step(split_text_part(batch, masks, chunks))
+        loss.backward()
+        results[chunks] = (loss.detach(), [p.grad.clone() for p in loop.task.parameters()])
+    reference = loop.task(batch, masks=masks).loss  # PretrainTask's own loss on the whole batch
+    assert torch.allclose(results[1][0], reference) and torch.allclose(results[4][0], reference, atol=1e-6)
+    for g1, g4 in zip(results[1][1], results[4][1]):
+        assert torch.allclose(g1, g4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- config and schedule
 
 def test_config_checks_name_the_key(tmp_path):
