@@ -201,14 +201,8 @@ def mix_seed(*key: int) -> int:
 
 # ----------------------------------------------------------------------------- masks per sample
 
-def _pad_text_mask(m: TextMask, length: int, pad_id: int) -> TextMask:
-    extra = length - m.input_ids.shape[1]
-    return TextMask(torch.nn.functional.pad(m.input_ids, (0, extra), value=pad_id),
-                    torch.nn.functional.pad(m.selected, (0, extra), value=False))
-
-
 def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[str, range],
-               global_batch: dict[str, int], pad_id: int) -> PretrainMasks:
+               global_batch: dict[str, int]) -> PretrainMasks:
     """This worker's masks at ``step``, identical for any number of workers.
 
     Text: drawn sample by sample from a seed of the sample's stream position (cheap, and
@@ -219,12 +213,10 @@ def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[
     cfg, out = masker.masking, {}
 
     def text_masks(part, ratio, modality):
-        lengths = (~part.padding_mask).sum(1).tolist()
         gens = [torch.Generator().manual_seed(mix_seed(seed, MODALITIES.index(modality), p))
                 for p in positions[modality]]
-        rows = [_pad_text_mask(masker.text(part.ids[i:i + 1, :n], part.padding_mask[i:i + 1, :n], ratio, g),
-                               part.ids.shape[1], pad_id) for i, (n, g) in enumerate(zip(lengths, gens))]
-        return TextMask(torch.cat([r.input_ids for r in rows]), torch.cat([r.selected for r in rows]))
+        # per-sample generators draw over each row's real tokens only: padding-independent
+        return masker.text(part.ids, part.padding_mask, ratio, gens)
 
     def image_masks(part, ratio, modality, key):
         grid = tuple(d // masker.patch_size for d in part.pixels.shape[-2:])
@@ -290,7 +282,7 @@ class StepLoader:
         rows = self.stream.rows(step)
         batch = collate_rows(rows, self.pad_id)
         masks = step_masks(self.masker, batch, step, self.seed, self.stream.positions(step),
-                           self.stream.batch, self.pad_id)
+                           self.stream.batch)
         ids = [r["id"] for r in rows] if self.log_samples else None
         return batch, masks, ids, count_tokens(batch)
 

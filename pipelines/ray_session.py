@@ -1,13 +1,18 @@
 """The one place that connects to Ray.
 
-``ray.address`` null starts a local instance sized to the machine; "auto" or
-"host:port" joins an existing cluster (e.g. when the stage runs as a Ray Job).
+``ray.address`` null starts a local instance sized to the machine, unless the
+environment names a cluster in ``RAY_ADDRESS`` (a Ray Job's driver runs with it set to
+its cluster): then the stage joins that cluster, as ``ray.init()`` itself would.
+"auto" or "host:port" joins an existing cluster.
+
+Progress: on a terminal Ray Data draws its progress bars; when stdout is not a terminal
+(CI, a Ray Job's log, ``dvc repro > log``) Ray Data logs a short progress block every
+``progress_log_s`` seconds instead (no bars, so no tqdm floods).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 
 from pipelines.configs import check
@@ -23,11 +28,14 @@ class RayConfig:
     cpus_per_task: float = 0.5
     # Seconds Ray Data may make no progress before it fails (Ray's default is 30 min).
     no_progress_timeout_s: int = 600
+    # Seconds between Ray Data's progress blocks in non-terminal logs (rows done per operator).
+    progress_log_s: int = 30
 
     def __post_init__(self):
         check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus: must be >= 1 or null")
         check(0 < self.cpus_per_task <= 64, "ray.cpus_per_task: must be in (0, 64]")
         check(self.no_progress_timeout_s > 0, "ray.no_progress_timeout_s: must be > 0")
+        check(self.progress_log_s > 0, "ray.progress_log_s: must be > 0")
 
 
 def local_num_cpus(config: RayConfig) -> int:
@@ -38,9 +46,8 @@ def local_num_cpus(config: RayConfig) -> int:
 def ray_session(config: RayConfig):
     """Connect (or start), yield the ``ray`` module, and shut down on exit."""
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", str(config.no_progress_timeout_s))
-    if not sys.stderr.isatty():
-        # Non-terminal logs (CI, dvc repro piped to a file) stay readable: no tqdm floods.
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Read by Ray Data's logging progress (used when stdout is not a TTY) at its first dataset.
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(config.progress_log_s))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -49,7 +56,8 @@ def ray_session(config: RayConfig):
         return
     project_root = os.getcwd()
     runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath(project_root)}}
-    if config.address is None:
+    address = cluster_address(config)
+    if address is None:
         ray.init(
             num_cpus=local_num_cpus(config),
             include_dashboard=True,
@@ -60,11 +68,23 @@ def ray_session(config: RayConfig):
             logging_level="WARNING",
         )
     else:
-        ray.init(address=config.address, runtime_env=runtime_env, logging_level="WARNING")
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def cluster_address(config: RayConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS``; None starts a local instance."""
+    if config.address is not None:
+        return config.address
+    env = os.environ.get("RAY_ADDRESS") or None
+    if env is not None and env.startswith(("http://", "https://")):
+        raise ValueError(f"RAY_ADDRESS={env} is a Jobs API (dashboard) address, not a cluster to join: "
+                         "unset it to run the stages on a local Ray (for `ray job submit`, use "
+                         "--address or RAY_API_SERVER_ADDRESS), or set ray.address to the cluster")
+    return env
 
 
 def _pythonpath(root: str) -> str:

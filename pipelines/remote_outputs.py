@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import shutil
-import uuid
 
 from pipelines import storage
 
@@ -123,20 +121,12 @@ def _copy(src: str, dst: str) -> None:
 
 def _replace_dir_with_manifest(tracked_dir: str, manifest: dict) -> None:
     """``tracked_dir`` becomes a folder holding only the manifest (local files of an earlier
-    run with a local out_dir are DVC-cached already), swapped in atomically."""
-    final = os.path.abspath(tracked_dir)
-    staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    run with a local out_dir are DVC-cached already), swapped in by renames."""
+    if storage.is_uri(tracked_dir):
+        raise ValueError(f"{tracked_dir}: the DVC-tracked output must be a local folder")
+    staging = storage.staging_dir(tracked_dir)
     storage.write_json(os.path.join(staging, MANIFEST), manifest)
-    if os.path.lexists(final):
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        else:
-            os.remove(old)
-    else:
-        os.replace(staging, final)
+    storage.publish_dir(staging, tracked_dir)
 
 
 __all__ = ["MANIFEST", "track_output", "build_manifest", "store_for", "content_uri",

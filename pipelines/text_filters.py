@@ -96,13 +96,18 @@ def text_id(text: str) -> str:
 
 # ---------------------------------------------------------------- quality (Gopher / C4)
 
-def length(text: str, cfg: TextFilterConfig) -> str:
+def _word_count_within(text: str, low: int, high: int, reason: str, key: str) -> str:
+    """text if low <= its word count <= high, else Reject '<reason>too_short/too_long'."""
     n = len(text.split())
-    if n < cfg.min_words:
-        raise Reject("too_short", f"{n} words < min_words {cfg.min_words}")
-    if n > cfg.max_words:
-        raise Reject("too_long", f"{n} words > max_words {cfg.max_words}")
+    if n < low:
+        raise Reject(f"{reason}too_short", f"{n} words < min_{key} {low}")
+    if n > high:
+        raise Reject(f"{reason}too_long", f"{n} words > max_{key} {high}")
     return text
+
+
+def length(text: str, cfg: TextFilterConfig) -> str:
+    return _word_count_within(text, cfg.min_words, cfg.max_words, "", "words")
 
 
 def quality(text: str, cfg: TextFilterConfig) -> str:
@@ -208,12 +213,7 @@ def normalize_caption(text: str, cfg=None) -> str:
 
 
 def caption_length(text: str, cfg: PairFilterConfig) -> str:
-    n = len(text.split())
-    if n < cfg.min_caption_words:
-        raise Reject("caption_too_short", f"{n} words < min_caption_words {cfg.min_caption_words}")
-    if n > cfg.max_caption_words:
-        raise Reject("caption_too_long", f"{n} words > max_caption_words {cfg.max_caption_words}")
-    return text
+    return _word_count_within(text, cfg.min_caption_words, cfg.max_caption_words, "caption_", "caption_words")
 
 
 def caption_id(text: str) -> str:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -129,22 +130,22 @@ class PretrainLoop:
             with open(samples) as f:
                 self.samples = [json.loads(line) for line in f]
         if self.rank == 0:
-            print(f"pretrain: resumed run {self.job['run_name']} at step {self.step}/{self.cfg.steps}", flush=True)
+            log(f"pretrain: resumed run {self.job['run_name']} at step {self.step}/{self.cfg.steps}")
 
     # ------------------------------------------------------------------ training
     def run(self) -> None:
         cfg = self.cfg
         if self.rank == 0 and self.step == 0:
             params = sum(p.numel() for p in self.task.parameters())
-            print(f"pretrain: run {self.job['run_name']}: {params / 1e6:.1f}M parameters, {cfg.steps} steps of "
-                  f"{cfg.batch.as_dict()} on {self.world_size} worker(s), peak lr {cfg.peak_lr:.3g}", flush=True)
+            log(f"pretrain: run {self.job['run_name']}: {params / 1e6:.1f}M parameters, {cfg.steps} steps of "
+                f"{cfg.batch.as_dict()} on {self.world_size} worker(s), peak lr {cfg.peak_lr:.3g}")
         try:
             while self.step < cfg.steps:
                 row = self._train_step(self.step)
                 self.step += 1
                 self.history.append(row)
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    print(log_line(row, cfg.steps), flush=True)
+                    log(log_line(row, cfg.steps))
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self._checkpoint()
         finally:
@@ -256,6 +257,13 @@ class StepModule(torch.nn.Module):
         if not parts:  # nothing masked anywhere: the task's zero, still connected to the graph
             return sum(out.loss for out in outs), outs
         return sum(terms) / parts, outs
+
+
+def log(line: str) -> None:
+    """One line to the worker's stdout. Not print(): Ray Train V2 patches print into its
+    logger, which then shows every line twice in the driver's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def step_row(step: int, totals: dict, lr: float, grad_norm: float, seconds: float, elapsed: float) -> dict:

@@ -77,3 +77,18 @@ def test_s3_output_becomes_a_local_manifest(s3_env, tmp_path):
     assert sorted(remote_outputs.verify_output(str(tracked))) == ["train/shard-00000.parquet", "val/shard-00000.parquet"]
     assert remote_outputs.restore_output(str(tracked)) == 2
     assert remote_outputs.verify_output(str(tracked)) == []
+
+
+def test_tracked_dir_is_swapped_for_the_manifest_alone(tmp_path):
+    """The DVC output folder of an earlier local run becomes a folder holding only remote.json,
+    by renames (storage.staging_dir / publish_dir): no staging or old folder is left behind."""
+    tracked = tmp_path / "data" / "shards"
+    (tracked / "train").mkdir(parents=True)
+    (tracked / "train" / "shard-00000.parquet").write_bytes(b"old local run")
+    manifest = {"out_dir": "s3://b/run/shards", "store": "s3://b/run/.cas", "files": [], "count": 0, "bytes": 0}
+    remote_outputs._replace_dir_with_manifest(str(tracked), manifest)
+    assert os.listdir(tracked) == [remote_outputs.MANIFEST]
+    assert remote_outputs.read_manifest(str(tracked)) == manifest
+    assert os.listdir(tmp_path / "data") == ["shards"]
+    with pytest.raises(ValueError, match="local folder"):
+        remote_outputs._replace_dir_with_manifest("s3://b/run/tracked", manifest)

@@ -26,7 +26,7 @@ from pipelines.visual_tokenizer import VisualTokenizerConfig, train_visual_token
 # Tiny settings: several parts and shards per stage, so work can spread over the nodes.
 CLEAN = {"part_rows": 25, "files_per_unit": 8}
 TEXT_TOKENIZER = {"vocab_size": 200}
-VISUAL_TOKENIZER = {"steps": 20, "warmup_steps": 5, "holdout": 8, "batch_size": 16, "probe_dir": None,
+VISUAL_TOKENIZER = {"steps": 10, "warmup_steps": 4, "holdout": 8, "batch_size": 16, "probe_dir": None,
                     "num_threads": 1, "dead_code_steps": 5}
 TOKENIZE = {"num_actors": 2, "batch_size": 16}
 PACK = {"shard_rows": 40}

@@ -39,8 +39,10 @@ def relative_files(root: str) -> dict[str, str]:
 def test_clean_tokenize_pack_on_a_cluster_match_single_node(tmp_path):
     demo = str(tmp_path / "demo")
     generate_demo_data(DemoDataConfig(out_dir=demo, **TINY_DEMO))
-    single = drive(tmp_path, "single", {"demo": demo, "address": None, "dashboard": None, "tokenizers": None})
-    with ray_cluster(worker_nodes=1, cpus_per_node=2) as cluster:
+    with ray_cluster(worker_nodes=1, cpus_per_node=2) as starting:
+        # the single-node reference runs while the cluster's nodes start (in their own RAY_TMPDIR)
+        single = drive(tmp_path, "single", {"demo": demo, "address": None, "dashboard": None, "tokenizers": None})
+        cluster = starting.ready()
         multi = drive(tmp_path, "multi", {"demo": demo, "address": cluster.address, "dashboard": cluster.dashboard,
                                           "tokenizers": single["tokenizers"]}, env=cluster.env)
     print("\nsingle-node seconds:", single["seconds"], "\nmulti-node seconds:", multi["seconds"],

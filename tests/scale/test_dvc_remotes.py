@@ -1,6 +1,7 @@
 """DVC remotes: every artifact the data stages make goes to a local-folder remote (the repo's
 default) and to an S3 remote (the loopback server), and a fresh clone that pulls them runs
-`dvc repro` without recomputing anything."""
+`dvc repro` without recomputing anything. The first run's stages join one `ray start --head`
+node (ray.address) rather than each starting a Ray of its own."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import yaml
 
 from pipelines import storage
 from tests.project import copy_project, run, stages_run, update_params
+from tests.scale.ray_cluster import ray_head
 from tests.scale.tiny import TINY_PARAMS
 
 pytestmark = pytest.mark.slow
@@ -59,9 +61,12 @@ def clone_pull_repro(origin: str, dest: str, remote: str) -> dict:
 
 def test_push_pull_to_local_and_s3_remotes_then_repro_reuses(s3_env, tmp_path):
     project = copy_project(str(tmp_path / "project"))
-    update_params(project, TINY_PARAMS)
-    assert stages_run(run(project, "dvc", "repro", "pack").stdout) == [
-        "demo_data", "clean", "text_tokenizer", "visual_tokenizer", "tokenize", "pack"]
+    with ray_head(num_cpus=TINY_PARAMS["ray"]["num_cpus"], cwd=project) as head:
+        # one Ray for the whole run: each stage joins it instead of starting its own
+        update_params(project, {**TINY_PARAMS, "ray": {**TINY_PARAMS["ray"], "address": head.address}})
+        assert stages_run(run(project, "dvc", "repro", "pack", env=head.env).stdout) == [
+            "demo_data", "clean", "text_tokenizer", "visual_tokenizer", "tokenize", "pack"]
+    update_params(project, {"ray": {"address": None}})  # not a stage param: changes nothing for DVC
     s3_remote = f"s3://beit3/dvc-{uuid.uuid4().hex[:8]}"
     run(project, "dvc", "remote", "add", "s3", s3_remote)
     run(project, "dvc", "remote", "modify", "s3", "endpointurl", s3_env["AWS_ENDPOINT_URL"])

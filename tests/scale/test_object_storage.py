@@ -2,7 +2,8 @@
 DVC versions each remote output through its local manifest (pipelines/remote_outputs.py).
 
 A real S3-compatible server (moto_server, the `s3_env` fixture) runs on loopback; the
-stages run with `dvc repro` in a throw-away copy of the project, as a user would.
+stages run with `dvc repro` in a throw-away copy of the project, as a user would, each
+joining one `ray start --head` node (ray.address) rather than starting a Ray of its own.
 """
 from __future__ import annotations
 
@@ -16,19 +17,11 @@ import yaml
 from pipelines import remote_outputs, storage
 from pipelines.schema import SHARD_SCHEMA
 from tests.project import copy_project, run, stages_run, update_params
+from tests.scale.ray_cluster import ray_head
+from tests.scale.s3_sources import use_s3_sources
 from tests.scale.tiny import TINY_PARAMS
 
 pytestmark = pytest.mark.slow
-
-SOURCES = (("demo_text", "text", "jsonl", "text"), ("demo_images", "image", "folder", "images"),
-           ("demo_pairs", "pair", "webdataset", "pairs"))
-
-
-def upload(local_dir: str, uri: str) -> int:
-    files = storage.list_files(local_dir)
-    for path in files:
-        storage.write_bytes(storage.join(uri, os.path.relpath(path, local_dir)), storage.read_bytes(path))
-    return len(files)
 
 
 def read_manifest(project: str, out: str) -> dict:
@@ -41,21 +34,17 @@ def test_data_stages_on_s3_are_versioned_by_manifests(s3_env, tmp_path):
     project = copy_project(str(tmp_path / "project"))
     prefix = f"s3://beit3/run-{uuid.uuid4().hex[:8]}"
     outs = {"clean": f"{prefix}/clean", "tokenize": f"{prefix}/tokenized", "pack": f"{prefix}/shards"}
-    update_params(project, {**TINY_PARAMS, **{stage: {**TINY_PARAMS.get(stage, {}), "out_dir": uri}
-                                              for stage, uri in outs.items()},
-                            "sources": [{"name": n, "kind": k, "format": f, "path": f"{prefix}/sources/{d}"}
-                                        for n, k, f, d in SOURCES]})
-    run(project, "dvc", "repro", "demo_data")
-    for *_, folder in SOURCES:
-        assert upload(os.path.join(project, "data/demo", folder), f"{prefix}/sources/{folder}") > 0
     # DVC tracks the s3:// sources themselves as the clean stage's dependency
-    with open(os.path.join(project, "dvc.yaml")) as f:
-        dvc = yaml.safe_load(f)
-    dvc["stages"]["clean"]["deps"] = [d for d in dvc["stages"]["clean"]["deps"] if d != "data/demo"] + [f"{prefix}/sources"]
-    with open(os.path.join(project, "dvc.yaml"), "w") as f:
-        yaml.safe_dump(dvc, f, sort_keys=False)
+    use_s3_sources(project, prefix, {**TINY_PARAMS, **{stage: {**TINY_PARAMS.get(stage, {}), "out_dir": uri}
+                                                       for stage, uri in outs.items()}})
+    with ray_head(num_cpus=TINY_PARAMS["ray"]["num_cpus"], cwd=project) as head:
+        # one Ray for every stage run below: each stage joins it instead of starting its own
+        update_params(project, {"ray": {"address": head.address}})
+        check_s3_run(project, prefix, outs, tmp_path, head.env)
 
-    first = run(project, "dvc", "repro", "pack")
+
+def check_s3_run(project: str, prefix: str, outs: dict, tmp_path, env: dict) -> None:
+    first = run(project, "dvc", "repro", "pack", env=env)
     assert stages_run(first.stdout) == ["clean", "text_tokenizer", "visual_tokenizer", "tokenize", "pack"]
 
     # every remote output is pinned by a local manifest of content-addressed objects
@@ -79,11 +68,11 @@ def test_data_stages_on_s3_are_versioned_by_manifests(s3_env, tmp_path):
     assert "data/shards" in [o["path"] for o in lock["stages"]["pack"]["outs"]]
 
     # nothing changed: nothing reruns
-    assert stages_run(run(project, "dvc", "repro", "pack").stdout) == []
+    assert stages_run(run(project, "dvc", "repro", "pack", env=env).stdout) == []
 
     # new shards (another shuffle seed): only pack reruns, its manifest changes, the old version stays readable
     update_params(project, {"pack": {"seed": 1}})
-    assert stages_run(run(project, "dvc", "repro", "pack").stdout) == ["pack"]
+    assert stages_run(run(project, "dvc", "repro", "pack", env=env).stdout) == ["pack"]
     changed = read_manifest(project, "data/shards")
     assert {f["sha256"] for f in changed["files"]} != {f["sha256"] for f in manifests["pack"]["files"]}
     old = tmp_path / "old_shards"
