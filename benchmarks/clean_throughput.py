@@ -14,8 +14,8 @@ Bare loops (one process, one thread, this process's thread CPU time):
 
 - images, issue baseline: read file -> Image.open + verify() -> reopen + load -> EXIF
   transpose -> RGB -> resize to max_side -> encode as the stage stores images (PNG level
-  clean.image.png_compress_level) -> one Parquet file. Without the encode the loop would
-  produce nothing to store; its decode-only floor is printed too.
+  clean.image.png_compress_level, zlib run-length strategy) -> one Parquet file. Without
+  the encode the loop would produce nothing to store; its decode-only floor is printed too.
 - images, same steps: pipelines.image_filters.IMAGE_STEPS in a plain loop (the stage's
   per-image work incl. phash and pixel hash, no Ray): what Ray and dedup add on top.
 - texts: JSON decode -> pipelines.text_filters.TEXT_STEPS -> text id -> MinHash ->
@@ -49,7 +49,7 @@ from benchmarks.common import print_table
 from benchmarks.data_common import TreeMonitor, load_note, scene_images
 from pipelines.clean import CleanConfig, clean_sources
 from pipelines.demo_text import stdlib_docs
-from pipelines.image_filters import IMAGE_STEPS
+from pipelines.image_filters import IMAGE_STEPS, PNG_STRATEGY
 from pipelines.ray_session import RayConfig, ray_session
 from pipelines.rejects import Reject, run_steps
 from pipelines.sources import SourceConfig
@@ -139,7 +139,7 @@ def bare_pillow(paths: list[str], cfg: CleanConfig, out: str, encode: bool) -> i
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
         if encode:
             buf = io.BytesIO()
-            im.save(buf, "PNG", compress_level=icfg.png_compress_level)
+            im.save(buf, "PNG", compress_level=icfg.png_compress_level, compress_type=PNG_STRATEGY, optimize=False)
             stored.append(buf.getvalue())
     if encode:
         pq.write_table(pa.table({"image": stored}), out, compression="zstd")

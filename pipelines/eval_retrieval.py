@@ -103,6 +103,8 @@ def finetune(model: RetrievalModel, data: RetrievalData, cfg, pad_id: int, seed:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if (step + 1) % max(1, cfg.steps // 10) == 0:  # ~10 progress lines per fine-tune
+            print(f"evaluate: retrieval fine-tune step {step + 1}/{cfg.steps} | loss {losses[-1]:.4f}", flush=True)
     return losses
 
 

@@ -107,6 +107,7 @@ def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
         raise ValueError(f"{model_dir} was trained with a {task.heads.text.proj.out_features}-word text vocabulary, "
                          f"{text_tokenizer_dir} has {tokenizer.vocab_size}")
     metrics = masked_prediction(task.to(device), cfg, shards_dir, tokenizer.pad_id, device)
+    print(f"evaluate: masked prediction {metrics['masked_prediction']} ({time.time() - started:.0f} s)", flush=True)
     image_size = task.model.config.image_size
     retrieval_data = _retrieval_data(cfg.retrieval, tokenizer, image_size, absolute)
     probe_data = _probe_data(cfg.probe, image_size, absolute)
@@ -117,7 +118,10 @@ def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
     metrics["retrieval"], metrics["probe"] = {}, {}
     for name, make in backbones.items():
         metrics["probe"][name] = _probe(make().to(device), probe_data, cfg, device)
+        print(f"evaluate: {name} probe top-1 {metrics['probe'][name]['top1']} ({time.time() - started:.0f} s)", flush=True)
         metrics["retrieval"][name] = _retrieval(make().to(device), retrieval_data, cfg, tokenizer.pad_id, device)
+        print(f"evaluate: {name} retrieval mean R@1 {metrics['retrieval'][name]['mean_r1']} "
+              f"({time.time() - started:.0f} s)", flush=True)
     metrics["retrieval"]["data"] = {k: len(v.images) for k, v in retrieval_data.items()}
     metrics["probe"]["data"] = {"classes": probe_data["classes"], "train": len(probe_data["train"][1]),
                                 "val": len(probe_data["val"][1])}

@@ -9,9 +9,10 @@ EXIF rotation), so too-small or extreme images are never decoded.
 
 Output encoding: PNG by default. It is lossless, so the stored bytes decode to
 exactly the pixels whose hash is the row's id, later stages never stack JPEG
-generations, and zlib at a fixed level is deterministic (byte-identical files
-for the same inputs). ``encode: jpeg`` (fixed quality, 4:2:0, no optimiser
-passes, also deterministic) trades that for ~3x smaller photos.
+generations, and zlib at a fixed level and strategy (run-length, see
+PNG_STRATEGY) is deterministic (byte-identical files for the same inputs).
+``encode: jpeg`` (fixed quality, 4:2:0, no optimiser passes, also
+deterministic) trades that for ~3x smaller photos.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ from pipelines.rejects import Reject, content_id
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 WHITE = (255, 255, 255, 255)
 THUMB_SIZE = (8, 8)
+# zlib's run-length strategy (Z_RLE): 2.5-5x faster than Pillow's default filtered strategy
+# and no larger here (96 px scenes 5.9 KB either way, 512 px photos 92 vs 97 KB); at the
+# default the PNG encode was 75-90% of the per-image cost of the clean stage.
+PNG_STRATEGY = 3
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def encode(im: Image.Image, cfg: ImageFilterConfig) -> CleanImage:
     bare = Image.frombytes("RGB", im.size, pixels)  # drops info: no EXIF/ICC/text chunks
     buf = io.BytesIO()
     if cfg.encode == "png":
-        bare.save(buf, "PNG", compress_level=cfg.png_compress_level, optimize=False)
+        bare.save(buf, "PNG", compress_level=cfg.png_compress_level, compress_type=PNG_STRATEGY, optimize=False)
     else:
         bare.save(buf, "JPEG", quality=cfg.jpeg_quality, subsampling="4:2:0", optimize=False)
     w, h = im.size

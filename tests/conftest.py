@@ -45,3 +45,30 @@ def s3_env():
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory) -> str:
+    """The project's sources copied once (a fresh git + DVC repo, no outputs) with the TINY
+    params committed. Clone it for a fresh run: every copy of a session then runs the same
+    code even while the working tree is being edited."""
+    from tests.project import TINY, copy_project, git_commit, update_params
+
+    root = copy_project(str(tmp_path_factory.mktemp("demo") / "template"))
+    update_params(root, TINY)
+    git_commit(root, "tiny params")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repro(tiny_template, tmp_path_factory):
+    """One real `dvc repro` of every stage on the TINY demo, shared by the end-to-end and the
+    reliability tests (each of its stages pays for Python imports and a Ray start-up, so it
+    runs once a session). Read its outputs; clone the root to change anything."""
+    from tests.project import DemoRun, clone, git_commit, read_lock, repro_timed
+
+    root = clone(tiny_template, str(tmp_path_factory.mktemp("demo") / "run"))
+    durations = repro_timed(root)
+    git_commit(root, "first run")
+    print(f"tiny demo `dvc repro` stage times (s): {durations}")
+    return DemoRun(root, durations, read_lock(root))

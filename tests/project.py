@@ -5,10 +5,34 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import yaml
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DATA_STAGES = ["demo_data", "clean", "text_tokenizer", "visual_tokenizer", "tokenize", "pack"]
+STAGES = [*DATA_STAGES, "pretrain", "evaluate", "report"]
+
+# The demo shrunk for tests: seconds of work per stage (most of a stage's time is Python
+# imports and Ray starting), yet every data stage writes several parts, so a kill can land
+# between two of them, and the held-out splits are big enough for evaluate.
+TINY = {
+    "demo_data": {"num_pairs": 60, "pairs_per_tar": 30, "num_images": 20, "max_text_docs": 200,
+                  "text_docs_per_file": 100, "num_retrieval_train": 60, "num_retrieval_test": 30,
+                  "num_probe_train": 36, "num_probe_val": 18},
+    "clean": {"part_rows": 50},
+    "text_tokenizer": {"vocab_size": 300},
+    "visual_tokenizer": {"steps": 20, "warmup_steps": 5, "batch_size": 16, "holdout": 10},
+    "tokenize": {"batch_size": 2, "num_actors": 1},  # small batches: a part takes long enough to be hit
+    "pack": {"shard_rows": 50},
+    "pretrain": {"steps": 6, "batch": {"text": 4, "image": 4, "pair": 4}, "warmup_steps": 2,
+                 "checkpoint_every": 3, "log_every": 1, "num_workers": 1},
+    "evaluate": {"max_samples": 40,
+                 "retrieval": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
+                 "probe": {"steps": 10}},
+}
 
 
 def tracked_files(root: str = PROJECT_ROOT) -> list[str]:
@@ -82,3 +106,57 @@ def run(project: str, *args: str, env: dict | None = None, timeout: int = 1800) 
 def stages_run(output: str) -> list[str]:
     """Names of the stages `dvc repro` actually ran, from its output."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def git_commit(project: str, message: str) -> None:
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message)
+
+
+def clone(source: str, path: str) -> str:
+    """A copy of a project copy as it stands (git repo, DVC cache and outputs included)."""
+    shutil.copytree(source, path, symlinks=True)
+    return path
+
+
+def files_under(root) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones and temp files included) -> its bytes."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def read_lock(root: str) -> dict:
+    with open(os.path.join(root, "dvc.lock")) as f:
+        return yaml.safe_load(f)
+
+
+def repro_timed(root: str, *targets: str, timeout: float = 1500) -> dict[str, float]:
+    """`dvc repro [targets]` in ``root``; returns the stages it ran, in order, with each one's
+    wall time (from when DVC announced it to when it announced the next one)."""
+    proc = subprocess.Popen(["dvc", "repro", *targets], cwd=root, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=project_env({"PYTHONUNBUFFERED": "1"}))
+    starts, lines, deadline = [], [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Running stage '"):
+            starts.append((line.split("'")[1], time.time()))
+        if time.time() > deadline:
+            proc.kill()
+            break
+    rc = proc.wait()
+    assert rc == 0, f"dvc repro {' '.join(targets)} failed ({rc}):\n{''.join(lines)[-6000:]}"
+    ends = [t for _, t in starts[1:]] + [time.time()]
+    return {name: round(end - start, 1) for (name, start), end in zip(starts, ends)}
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One uninterrupted `dvc repro` of the whole pipeline on the TINY demo, committed to git."""
+    root: str                    # the project copy holding its outputs (read them; clone to change)
+    durations: dict[str, float]  # stage -> seconds, in the order the stages ran
+    lock: dict                   # its dvc.lock

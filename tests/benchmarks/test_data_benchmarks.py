@@ -1,4 +1,4 @@
-"""Smoke tests of the data-stage benchmarks (tokenize, clean, growth) at tiny sizes, and of the
+"""Smoke tests of the data-stage benchmarks (tokenize, clean, pack, growth) at tiny sizes, and of the
 process-tree sampler behind their "per CPU core" figures.
 
 They check that each script runs end to end on real Ray and real stages and reports its
@@ -10,9 +10,11 @@ import math
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from benchmarks import clean_throughput, growth, tokenize_throughput
+from benchmarks import pack as pack_benchmark
 from benchmarks.data_common import TreeMonitor, pss_bytes, scene_images
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\nb = bytearray(64 << 20)\ntime.sleep(0.5)"
@@ -85,6 +87,21 @@ def test_clean_throughput_tiny(ray_local, tmp_path, capsys):
         assert case["bare_per_cpu_s"] > 0 and case["stage_per_cpu_s"] > 0 and case["ratio_per_core_cpu"] > 0
         assert 0 < case["kept"] <= case["n"]
     assert cases["photos"]["decode_only_per_cpu_s"] > 0 and cases["images"]["steps_loop_per_cpu_s"] > 0
+
+
+@pytest.mark.slow
+def test_pack_benchmark_tiny(ray_local, tmp_path, capsys):
+    result = pack_benchmark.main(["--rows", "60", "--image-size", "32", "--shard-rows", "16", "--parts", "2",
+                                  "--rounds", "2", "--tmp", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "target >= 0.7x" in out and "bare pack loop" in out
+    assert result["rows"] == 60 and result["shards"] >= 4  # >= 57 train rows in shards of <= 16 rows
+    for key in ("pack_mb_per_s", "bare_mb_per_s", "write_only_mb_per_s", "ratio", "ratio_paired", "ratio_cpu"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert len(result["runs"]["pack"]) == len(result["runs"]["bare"]) == 2
+    assert all(r["rows"] == 60 for name in ("pack", "bare", "write_only") for r in result["runs"][name])
+    bare = [pq.read_table(p) for p in sorted((tmp_path / "bare").rglob("*.parquet"))]  # 3 val rows, 57 train
+    assert [t.num_rows for t in bare] == [16, 16, 16, 9, 3] and sum(t.num_rows for t in bare) == 60
 
 
 @pytest.mark.slow

@@ -1,51 +1,29 @@
 """The real pipeline end to end: `dvc repro` in a fresh git + DVC repo on a tiny demo.
 
 Real Ray, real sentencepiece, real VQ-KD training, real Ray Train steps; only the
-sizes are shrunk so CI stays within minutes.
+sizes are shrunk (tests/project.py TINY) so CI stays within minutes. The first run is
+the session's `tiny_repro` (tests/conftest.py), which the reliability tests share; the
+tests here change a copy of it.
 """
 import json
 import os
 
 import pytest
 
-from tests.project import copy_project, run, stages_run, update_params
+from tests.project import DATA_STAGES, STAGES, clone, run, stages_run, update_params
 
 pytestmark = pytest.mark.slow
 
-DATA_STAGES = ["demo_data", "clean", "text_tokenizer", "visual_tokenizer", "tokenize", "pack"]
-
-TINY = {
-    "demo_data": {"num_pairs": 120, "num_images": 40, "max_text_docs": 300,
-                  "num_retrieval_train": 60, "num_retrieval_test": 30,
-                  "num_probe_train": 36, "num_probe_val": 18, "pairs_per_tar": 60},
-    "text_tokenizer": {"vocab_size": 400},
-    "visual_tokenizer": {"steps": 30, "warmup_steps": 10, "batch_size": 16, "holdout": 20},
-    "pack": {"shard_rows": 100},
-    "pretrain": {"steps": 6, "batch": {"text": 4, "image": 4, "pair": 4}, "warmup_steps": 2,
-                 "checkpoint_every": 3, "log_every": 1, "num_workers": 1},
-    "evaluate": {"max_samples": 40,
-                 "retrieval": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
-                 "probe": {"steps": 10}},
-}
-
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = copy_project(str(tmp_path_factory.mktemp("e2e") / "project"))
-    update_params(root, TINY)
-    run(root, "git", "commit", "-qam", "tiny params")
-    return root
+def project(tiny_repro, tmp_path_factory):
+    """A copy of the finished first run (outputs, DVC cache, git history) for the tests to change."""
+    return clone(tiny_repro.root, str(tmp_path_factory.mktemp("e2e") / "project"))
 
 
-def _git_commit(project, message):
-    run(project, "git", "add", "-A")
-    run(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message)
-
-
-def test_repro_runs_every_stage_and_writes_metrics(project):
-    out = run(project, "dvc", "repro").stdout
-    assert stages_run(out) == [*DATA_STAGES, "pretrain", "evaluate", "report"]
-    for stage in [*DATA_STAGES, "pretrain", "evaluate"]:
+def test_repro_runs_every_stage_and_writes_metrics(tiny_repro, project):
+    assert list(tiny_repro.durations) == STAGES
+    for stage in STAGES[:-1]:
         assert os.path.exists(os.path.join(project, "metrics", f"{stage}.json")), stage
     clean = json.load(open(os.path.join(project, "metrics", "clean.json")))
     for name, src in clean["sources"].items():
@@ -57,7 +35,6 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
         assert {"i2t_r1", "t2i_r1"} <= set(evaluation["retrieval"][init])
         assert 0.0 <= evaluation["probe"][init]["top1"] <= 1.0
     assert os.path.exists(os.path.join(project, "report", "index.html"))
-    _git_commit(project, "first run")
 
 
 def test_second_repro_is_a_no_op(project):
@@ -66,17 +43,23 @@ def test_second_repro_is_a_no_op(project):
     assert "up to date" in out.lower() or "didn't change" in out.lower()
 
 
-def test_changing_shard_rows_reruns_only_pack_and_downstream(project):
-    update_params(project, {"pack": {"shard_rows": 60}})
-    out = run(project, "dvc", "repro").stdout
-    ran = stages_run(out)
-    assert ran[0] == "pack"
-    assert not set(ran) & set(DATA_STAGES[:-1])
-    _git_commit(project, "shard rows 60")
-
-
-def test_exp_run_with_new_lr_reruns_only_pretrain_evaluate_report(project):
+def test_exp_run_changing_lr_reruns_only_pretrain_and_downstream(project):
+    """The README's experiment command: `dvc exp run -S pretrain.lr=...` reruns pretrain and
+    what reads its model (evaluate, report), no data stage."""
     out = run(project, "dvc", "exp", "run", "-S", "pretrain.lr=5e-4").stdout
-    assert set(stages_run(out)) == {"pretrain", "evaluate", "report"}
+    assert stages_run(out) == ["pretrain", "evaluate", "report"]
+    assert not set(stages_run(out)) & set(DATA_STAGES)
     shown = run(project, "dvc", "exp", "show", "--json").stdout
-    assert "5e-4" in shown or "0.0005" in shown
+    assert '"lr": 0.0005' in shown or '"lr": 5e-4' in shown or '"lr": 5e-04' in shown
+
+
+def test_changing_shard_rows_reruns_pack_and_marks_only_downstream_stale(project):
+    """After a pack param change `dvc repro pack` reruns pack alone (nothing upstream), and
+    DVC then lists exactly the stages that read its outputs as stale. (Runs last: it leaves
+    the project changed; rerunning pretrain and evaluate here would repeat the lr test.)"""
+    update_params(project, {"pack": {"shard_rows": 30}})
+    assert stages_run(run(project, "dvc", "repro", "pack").stdout) == ["pack"]
+    manifest = json.load(open(os.path.join(project, "data", "shards", "manifest.json")))
+    assert manifest["shard_rows"] == 30 and max(shard["rows"] for shard in manifest["shards"]) <= 30
+    stale = json.loads(run(project, "dvc", "status", "--json").stdout)
+    assert set(stale) == {"pretrain", "evaluate", "report"}  # all three read data/shards

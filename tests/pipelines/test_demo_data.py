@@ -20,7 +20,7 @@ from pipelines.demo_data import (
 )
 from pipelines.demo_scenes import COLORS, RELATIONS, SHAPES, SIZES, object_phrase
 from pipelines.demo_text import stdlib_docs
-from tests.project import PROJECT_ROOT, run
+from tests.project import PROJECT_ROOT, files_under, run
 
 TINY = dict(image_size=32, num_pairs=7, pairs_per_tar=3, num_images=5, max_text_docs=50,
             text_docs_per_file=20, num_retrieval_train=4, num_retrieval_test=3,
@@ -37,16 +37,6 @@ def tiny(out_dir, **overrides) -> DemoDataConfig:
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     return out, generate_demo_data(tiny(out))
-
-
-def files_under(root) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 def pixel_hash(data: bytes) -> str:

@@ -17,12 +17,7 @@ from pipelines.storage import write_json
 from tests.pipelines.pretrain_fixtures import tiny_corpus, tiny_job, train_in_process  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/pipelines/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -56,12 +56,14 @@ def shard_files(out) -> dict[str, bytes]:
 
 
 def test_byte_identical_manifest_and_mixed_shards(ray_local, tokenized, tmp_path):
-    cfg = lambda name: PackConfig(out_dir=str(tmp_path / name), shard_rows=16, val_fraction=0.2, seed=3)  # noqa: E731
-    metrics = pack_shards(cfg("a"), tokenized, RAY)
-    pack_shards(cfg("b"), tokenized, RAY)
+    def cfg(name, **kw):
+        return PackConfig(out_dir=str(tmp_path / name), shard_rows=16, val_fraction=0.2, seed=3, **kw)
+
+    metrics = pack_shards(cfg("a"), tokenized, RAY)  # small input: shuffled in Ray's object store
+    pack_shards(cfg("b", in_memory_mb=0), tokenized, RAY)  # spilled to out_dir/.spill
     files = shard_files(tmp_path / "a")
     assert files == shard_files(tmp_path / "b")  # shards and manifest, byte for byte
-    assert not (tmp_path / "a" / ".spill").exists() and "manifest.partial.json" not in files
+    assert not (tmp_path / "b" / ".spill").exists() and "manifest.partial.json" not in files
 
     manifest = json.loads(files["manifest.json"])
     assert manifest["tokenizers"] == TOKENIZERS
@@ -160,7 +162,7 @@ def kill_when(code: str, ready, timeout: float = 300) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_point", ["scatter", "gather"])
 def test_sigkill_then_rerun_gives_the_same_shards(ray_local, tokenized, tmp_path, kill_point):
-    cfg = dict(shard_rows=3, val_fraction=0.2)
+    cfg = dict(shard_rows=3, val_fraction=0.2, in_memory_mb=0.0)  # the spill path: a visible scatter phase
     pack_shards(PackConfig(out_dir=str(tmp_path / "reference"), **cfg), tokenized, RAY)
     out = tmp_path / "killed"
     code = (f"from pipelines.pack import PackConfig, pack_shards; from pipelines.ray_session import RayConfig; "

@@ -27,12 +27,7 @@ from tests.project import PROJECT_ROOT, project_env
 LOSS_KEYS = ("loss", "loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "loss_pair_mim")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/pipelines/conftest.py
 
 
 def curve(rows: list[dict]) -> list[list[float]]:

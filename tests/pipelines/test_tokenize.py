@@ -144,3 +144,20 @@ def test_sigkill_mid_run_then_rerun_resumes(inputs, tmp_path):
     assert metrics["parts_skipped"] >= 1 and metrics["parts_done"] + metrics["parts_skipped"] == 6
     assert parts(out) == parts(tmp_path / "reference")
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_tokenizers_read_from_s3_give_the_same_parts(inputs, s3_env, tmp_path):
+    """The driver reads both tokenizers through pipelines.storage and hands the actors their
+    bytes: tokenizers on S3 (not visible to the actors' file systems) give identical parts."""
+    from pipelines import storage
+
+    remote = f"s3://beit3/tokenize-{os.getpid()}"
+    for name in ("text", "visual"):
+        for path in Path(inputs[name]).iterdir():
+            storage.write_bytes(f"{remote}/{name}/{path.name}", path.read_bytes())
+    run(inputs, tmp_path / "local")
+    cfg = TokenizeConfig(out_dir=str(tmp_path / "s3"), batch_size=4, num_actors=1)
+    tokenize_corpus(cfg, inputs["clean"], f"{remote}/text", f"{remote}/visual", RAY)
+    assert parts(tmp_path / "s3") == parts(tmp_path / "local")
+    assert (tmp_path / "s3" / "tokenizers.json").read_bytes() == (tmp_path / "local" / "tokenizers.json").read_bytes()

@@ -4,7 +4,9 @@ For demo_data, clean, text_tokenizer and visual_tokenizer (tokenize and pack res
 after kills: tests/pipelines/test_tokenize.py, test_pack.py). Each test starts from a
 *previous* complete output whose every file differs from the new one, so any mix of old
 and new files is caught; the stages never read their own old output, which is why a
-stand-in with different bytes serves as well as a real run with other params. Two kills:
+stand-in with different bytes serves as well as a real run with other params. Each stage
+is killed twice, once with each signal, at two kinds of random point (which signal gets
+which kind is drawn too, so every pairing comes up across runs):
 
 1. at an exact point of the output phase: the stage is paused right after its k-th file
    write (k drawn at random among the reference output's files), then killed;
@@ -28,8 +30,8 @@ import time
 import pytest
 
 from pipelines import storage
-from tests.project import run
-from tests.reliability.conftest import clone
+from tests.project import files_under, run
+from tests.reliability.conftest import project_with_inputs
 from tests.reliability.processes import kill, log_tail, start_stage, wait_for
 
 SEED = int(os.environ.get("RELIABILITY_KILL_SEED", random.SystemRandom().randrange(2**31)))
@@ -38,17 +40,6 @@ OUT_DIR = {"demo_data": "data/demo", "clean": "data/clean",
 # what each stage reads (visual_tokenizer: the cleaned images and the demo's probe ImageFolder)
 INPUTS = {"demo_data": [], "clean": ["data/demo"], "text_tokenizer": ["data/clean"],
           "visual_tokenizer": ["data/clean", "data/demo"]}
-
-
-def files_under(root: str) -> dict[str, bytes]:
-    """Every file under ``root`` (hidden ones and temp files included) -> bytes."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 def write_files(root: str, files: dict[str, bytes]) -> None:
@@ -76,39 +67,36 @@ def visible_state(out: str, previous: dict, expected: dict, context: str) -> str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
 @pytest.mark.parametrize("stage", list(OUT_DIR))
-def test_killed_stage_shows_old_or_no_output_then_rerun_matches(template, reference, tmp_path, stage, signame):
-    sig = getattr(signal, signame)
-    rng = random.Random(f"{SEED}/{stage}/{signame}")
-    project = clone(template, str(tmp_path / "project"))
-    for rel in INPUTS[stage]:
-        shutil.copytree(os.path.join(reference.root, rel), os.path.join(project, rel))
+def test_killed_stage_shows_old_or_no_output_then_rerun_matches(tiny_template, tiny_repro, tmp_path, stage):
+    rng = random.Random(f"{SEED}/{stage}")
+    project = project_with_inputs(tiny_template, tiny_repro.root, str(tmp_path / "project"), INPUTS[stage])
     out = os.path.join(project, OUT_DIR[stage])
-    expected = files_under(os.path.join(reference.root, OUT_DIR[stage]))
+    expected = files_under(os.path.join(tiny_repro.root, OUT_DIR[stage]))
     previous = {rel: f"previous run's {rel}\n".encode() for rel in expected}
     previous["previous-run-only.txt"] = b"not written by this run\n"
     write_files(out, previous)
     log = str(tmp_path / "stage.log")
+    at_write, at_time = rng.sample([signal.SIGTERM, signal.SIGKILL], 2)
 
     # 1. paused right after its k-th write, then killed
     k = rng.randint(1, len(expected))
     marker = str(tmp_path / "writes")
-    context = f"{stage} {signame} after write {k} of {len(expected)} (RELIABILITY_KILL_SEED={SEED})"
+    context = f"{stage} {at_write.name} after write {k} of {len(expected)} (RELIABILITY_KILL_SEED={SEED})"
     proc = start_stage(project, stage, log, pause_after_write=k, marker=marker)
     reached = wait_for(lambda: _read(marker) == str(k), proc, timeout=600)
     assert reached, f"{context}: never reached that write\n{log_tail(log)}"
-    kill(proc, sig)
+    outcome = kill(proc, at_write)
     state = visible_state(out, previous, expected, context)
-    print(f"{context}: out_dir {state}")
+    print(f"{context}: out_dir {state}, {outcome}")
 
     # 2. killed at a random moment of a plain run
-    delay = rng.uniform(0, reference.durations[stage])
-    context = f"{stage} {signame} at {delay:.1f}s (RELIABILITY_KILL_SEED={SEED})"
+    delay = rng.uniform(0, tiny_repro.durations[stage])
+    context = f"{stage} {at_time.name} at {delay:.1f}s (RELIABILITY_KILL_SEED={SEED})"
     proc = start_stage(project, stage, log)
     start = time.time()
     wait_for(lambda: time.time() - start >= delay, proc, timeout=delay + 1, poll_s=0.05)
-    outcome = kill(proc, sig)
+    outcome = kill(proc, at_time)
     state = visible_state(out, previous, expected, context)
     print(f"{context}: {'killed' if outcome['was_running'] else 'had finished'}, out_dir {state}, {outcome}")
 

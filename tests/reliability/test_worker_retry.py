@@ -10,16 +10,15 @@ it with SIGKILL, and compares the finished output with the uninterrupted referen
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
 import psutil
 import pytest
 
-from tests.reliability.conftest import clone
+from tests.project import files_under
+from tests.reliability.conftest import project_with_inputs
 from tests.reliability.processes import kill, log_tail, start_stage
-from tests.reliability.test_stage_kills import files_under
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +67,12 @@ def reader_visible(root: str) -> dict[str, bytes]:
     ("tokenize", ["data/clean", "data/text_tokenizer", "data/visual_tokenizer"], "data/tokenized",
      "MapBatches(PartTokenizer)).submit"),
 ], ids=["clean-task", "tokenize-actor"])
-def test_worker_killed_mid_task_is_retried_with_same_output(template, reference, tmp_path, stage, inputs, out,
-                                                            task):
-    project = clone(template, str(tmp_path / "project"))
-    for rel in inputs:
-        shutil.copytree(os.path.join(reference.root, rel), os.path.join(project, rel))
+def test_worker_killed_mid_task_is_retried_with_same_output(tiny_template, tiny_repro, tmp_path, stage, inputs,
+                                                            out, task):
+    project = project_with_inputs(tiny_template, tiny_repro.root, str(tmp_path / "project"), inputs)
     log = str(tmp_path / "stage.log")
     result = run_killing_one_worker(project, stage, task, log)
     assert result["killed"], f"no worker was seen running {task!r}; nothing was killed\n{log_tail(log)}"
     assert result["returncode"] == 0, f"{stage} failed after its worker was killed\n{log_tail(log)}"
     print(f"{stage}: killed {result['killed']}")
-    assert reader_visible(os.path.join(project, out)) == reader_visible(os.path.join(reference.root, out))
+    assert reader_visible(os.path.join(project, out)) == reader_visible(os.path.join(tiny_repro.root, out))
