@@ -1,11 +1,14 @@
 """Growth of clean + tokenize + pack with the corpus: time (linear?) and peak memory (bounded?).
 
     python -m benchmarks.growth [--scales 1,4,10,16] [--pairs 150] [--images 50] [--docs 250]
+                                [--text-rows 20000] [--stages clean,tokenize,pack]
 
 Issue 7 item 6: 16x the data within 20x the time. Issue 8 item 5: each stage's peak memory
 at 10x within 1.3x of 1x. A demo corpus (pipelines.demo_data, no eval splits) of
 ``scale x (--pairs, --images, --docs)`` is generated per scale (untimed; text is capped by
-the ~4.8k stdlib docstrings). The tokenizers are made once, untimed: sentencepiece trained
+the ~4.8k stdlib docstrings), plus ``scale x --text-rows`` short synthetic text rows
+(JSONL, 5000 per file, ~1% exact and ~1% near copies): many cheap rows, so that any
+per-row state a stage keeps (in its driver or in one task) shows in its peak memory. The tokenizers are made once, untimed: sentencepiece trained
 on the 1x cleaned text, and a tiny VQ-KD with seeded random weights (tokenizing costs the
 same whatever the weights). Then each stage runs, scale by scale, as its own process
 (``python -m benchmarks.growth --child STAGE ...``), which calls the pipelines function
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=150, help="image-caption pairs at 1x")
     p.add_argument("--images", type=int, default=50, help="caption-less images at 1x")
     p.add_argument("--docs", type=int, default=250, help="text documents at 1x (stdlib has ~4.8k)")
+    p.add_argument("--text-rows", type=int, default=20000, help="short synthetic text rows at 1x")
+    p.add_argument("--stages", default=",".join(STAGES), help="stages to run, comma-separated, in pipeline order")
     p.add_argument("--vocab-size", type=int, default=500, help="sentencepiece vocabulary (trained on the 1x text)")
     p.add_argument("--interval", type=float, default=0.2, help="psutil sampling interval, seconds")
     p.add_argument("--tmp", default=None, help="work folder (default: a temporary one)")
@@ -70,7 +76,34 @@ def sources(demo_dir: str):
 
     return [SourceConfig("demo_text", "text", "jsonl", os.path.join(demo_dir, "text")),
             SourceConfig("demo_images", "image", "folder", os.path.join(demo_dir, "images")),
-            SourceConfig("demo_pairs", "pair", "webdataset", os.path.join(demo_dir, "pairs"))]
+            SourceConfig("demo_pairs", "pair", "webdataset", os.path.join(demo_dir, "pairs"))] + \
+        ([SourceConfig("many_rows", "text", "jsonl", os.path.join(demo_dir, "rows"))]
+         if os.path.isdir(os.path.join(demo_dir, "rows")) else [])
+
+
+def write_text_rows(folder: str, rows: int, seed: int = 0, per_file: int = 5000) -> int:
+    """``rows`` short prose-like documents of 10-24 made-up words (kept by the text filters),
+    about 1% exact and 1% near (one word changed) copies of recent rows; returns bytes."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    vocab = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
+    os.makedirs(folder, exist_ok=True)
+    recent: list[list[str]] = []  # copies come from the last 200 rows
+    lines, size = [], 0
+    for i in range(rows):
+        roll = rng.random()
+        words = list(rng.choice(recent)) if recent and roll < 0.02 else \
+            [rng.choice(vocab) for _ in range(rng.randint(10, 24))]
+        if 0.01 <= roll < 0.02 and recent:
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+        recent = (recent + [words])[-200:]
+        lines.append(json.dumps({"id": f"r{i}", "text": " ".join(words).capitalize() + "."}) + "\n")
+        if len(lines) == per_file or i == rows - 1:
+            with open(os.path.join(folder, f"rows-{i // per_file:05d}.jsonl"), "w") as f:
+                f.write("".join(lines))
+            size += sum(map(len, lines))
+            lines = []
+    return size
 
 
 def run_child(stage: str, dirs: dict) -> dict:
@@ -103,7 +136,9 @@ def make_corpus(dirs: dict, scale: int, args) -> dict:
     m = generate_demo_data(cfg)
     if m["text_docs"] < args.docs * scale:
         print(f"note: x{scale} has {m['text_docs']} text documents, not {args.docs * scale} (stdlib cap)")
-    return {"pairs": m["pairs"], "images": m["images"], "docs": m["text_docs"], "bytes": m["bytes"]}
+    rows_bytes = write_text_rows(os.path.join(dirs["demo"], "rows"), args.text_rows * scale) if args.text_rows else 0
+    return {"pairs": m["pairs"], "images": m["images"], "docs": m["text_docs"], "rows": args.text_rows * scale,
+            "bytes": m["bytes"] + rows_bytes}
 
 
 def make_tokenizers(dirs: dict, vocab_size: int) -> None:
@@ -149,17 +184,18 @@ def main(argv=None) -> dict:
             json.dump(metrics, f, default=str)
         return metrics
     scales = [int(s) for s in args.scales.split(",")]
+    stages = [st for st in STAGES if st in args.stages.split(",")]
     if scales[0] != 1 or sorted(scales) != scales:
         raise SystemExit("--scales: ascending, starting with 1")
     root = args.tmp or tempfile.mkdtemp(prefix="bench-growth-")
-    results: dict = {"scales": scales, "corpus": {}, "stages": {s: {} for s in STAGES}}
+    results: dict = {"scales": scales, "corpus": {}, "stages": {s: {} for s in stages}}
     try:
         for scale in scales:
             results["corpus"][scale] = make_corpus(scale_dirs(root, scale), scale, args)
         for scale in scales:  # stage by stage, scale by scale: the tokenizers come from the 1x clean output
-            for stage in STAGES:
+            for stage in stages:
                 results["stages"][stage][scale] = measure_stage(stage, root, scale, args.interval)
-                if scale == 1 and stage == "clean":
+                if scale == 1 and stage == "clean" and "tokenize" in stages:
                     make_tokenizers(scale_dirs(root, 1), args.vocab_size)
             for key in ("demo", "clean", "tokenized"):  # keep the disk small: finished scales go
                 shutil.rmtree(scale_dirs(root, scale)[key], ignore_errors=True)
@@ -180,8 +216,8 @@ def summarize(results: dict) -> dict:
     scales, stages = results["scales"], results["stages"]
     first, last = scales[0], scales[-1]
     mid = 10 if 10 in scales else scales[len(scales) // 2]
-    total = {s: sum(stages[st][s]["wall_s"] for st in STAGES) for s in scales}
-    total_cpu = {s: sum(stages[st][s]["cpu_s"] for st in STAGES) for s in scales}
+    total = {s: sum(stages[st][s]["wall_s"] for st in stages) for s in scales}
+    total_cpu = {s: sum(stages[st][s]["cpu_s"] for st in stages) for s in scales}
     results["total_wall_s"], results["total_cpu_s"] = total, total_cpu
     results["time_ratio"] = ratio(total[last], total[first])
     results["cpu_ratio"] = ratio(total_cpu[last], total_cpu[first])
@@ -191,7 +227,7 @@ def summarize(results: dict) -> dict:
             abs(total_cpu[s] - fixed - per_x * s) / total_cpu[s] for s in scales)}
     results["memory_ratios"] = {st: {key: ratio(stages[st][mid][key], stages[st][first][key])
                                      for key in ("peak_driver_rss", "peak_worker_rss", "peak_tree_pss")}
-                                for st in STAGES}
+                                for st in stages}
     results["memory_scale"] = mid
     print_growth(results)
     return results
@@ -200,10 +236,13 @@ def summarize(results: dict) -> dict:
 def print_growth(results: dict) -> None:
     scales, stages, corpus = results["scales"], results["stages"], results["corpus"]
     print(f"growth: {load_note()}")
+    print(f"clean metrics per scale: " + "; ".join(
+        f"x{s} rows_in {r['metrics'].get('rows_in')}, kept {r['metrics'].get('kept')}, rejected "
+        f"{r['metrics'].get('rejected')}" for s, r in stages.get("clean", {}).items()))
     print("corpus per scale: " + "; ".join(f"x{s} {c['pairs']} pairs, {c['images']} images, {c['docs']} docs, "
-                                           f"{c['bytes'] / 1e6:.1f} MB" for s, c in corpus.items()))
+                                           f"{c['rows']} short rows, {c['bytes'] / 1e6:.1f} MB" for s, c in corpus.items()))
     rows = []
-    for st in STAGES:
+    for st in stages:
         for s in scales:
             r = stages[st][s]
             rows.append([st, f"x{s}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", mib(r["peak_driver_rss"]),

@@ -1,9 +1,12 @@
 """The per-row half of ``clean``: Ray Data UDFs that read units and run every step.
 
 :func:`process_units` is the map: one unit (file, tar, chunk of image files)
-in, Arrow tables of :data:`ROW_SCHEMA` out, one row per input row whether kept
-or rejected, flushed every few rows so a big tar never sits in memory whole.
-The global dedup happens afterwards, on the driver, over metadata columns.
+in, one row of :data:`ROW_SCHEMA` per input row whether kept or rejected,
+spilled to Parquet chunks ``<work>/rows/<order of first row>.parquet`` (at most
+``CHUNK_BYTES`` each, written atomically, so a retried task rewrites the same
+files) and only a summary per chunk returned: the map holds a few rows and one
+encoded chunk, never a whole unit. The global dedup happens afterwards, in
+sharded Ray tasks over the chunks (pipelines.dedup_shards).
 """
 from __future__ import annotations
 
@@ -12,13 +15,17 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from pipelines import storage
+from pipelines.dedup import NearRules
 from pipelines.image_filters import IMAGE_STEPS
 from pipelines.rejects import Reject, content_id, run_steps
 from pipelines.sources import ReadLimits, Record, SourceConfig, read_unit
 from pipelines.text_filters import CAPTION_STEPS, TEXT_STEPS, caption_id, minhash, text_id
 
 ROW_SCHEMA = pa.schema([
+    ("order", pa.int64()),           # input order as one number: row_order(source, unit, row)
     ("source_idx", pa.int32()), ("unit_idx", pa.int32()), ("row_idx", pa.int64()),
     ("row_key", pa.string()),        # "source:unit:row", unique per input row
     ("source", pa.string()), ("kind", pa.string()), ("location", pa.string()),
@@ -28,10 +35,22 @@ ROW_SCHEMA = pa.schema([
     ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
     ("minhash", pa.list_(pa.uint64())), ("phash", pa.uint64()),
     ("thumb", pa.binary()), ("caption_hash", pa.string()),
+    ("bands", pa.list_(pa.uint64())),  # near-dedup bucket keys (NearRules.bands), null if off
 ])
-META_COLUMNS = [f.name for f in ROW_SCHEMA if f.name not in ("text", "image")]
-ORDER = [("source_idx", "ascending"), ("unit_idx", "ascending"), ("row_idx", "ascending")]
+CHUNK_SCHEMA = pa.schema([("path", pa.string()), ("first_order", pa.int64()), ("source_idx", pa.int32()),
+                          ("rows", pa.int64()), ("kept", pa.int64())])
 FLUSH_ROWS = {"text": 1024, "image": 64, "pair": 64}
+CHUNK_BYTES = 32 * 2**20        # encoded bytes after which a spilled chunk is closed
+ORDER_BITS = (10, 24, 29)       # bits of source, unit, row in ``order``
+
+
+def row_order(source_idx: int, unit_idx: int, row_idx: int) -> int:
+    """One int64 that sorts like (source_idx, unit_idx, row_idx)."""
+    for value, bits, what in zip((source_idx, unit_idx, row_idx), ORDER_BITS, ("sources", "units of a source",
+                                                                               "rows in one unit (file)")):
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"clean: more than {1 << bits} {what}; split the input")
+    return (source_idx << (ORDER_BITS[1] + ORDER_BITS[2])) | (unit_idx << ORDER_BITS[2]) | row_idx
 
 # Steps of each kind in order, for the forwarded/dropped counts in metrics.
 STEPS = {
@@ -41,24 +60,63 @@ STEPS = {
 }
 
 
-def process_units(batch: pa.Table, sources: tuple[SourceConfig, ...], cfg) -> Iterator[pa.Table]:
-    """Ray Data map_batches UDF: each row of ``batch`` is a JSON unit {source_idx, unit_idx, files}."""
+def process_units(batch: pa.Table, sources: tuple[SourceConfig, ...], cfg, rules: NearRules,
+                  work: str) -> Iterator[pa.Table]:
+    """Ray Data map_batches UDF: each row of ``batch`` is a JSON unit {source_idx, unit_idx, files};
+    spills the unit's rows and yields one :data:`CHUNK_SCHEMA` row per chunk written."""
     limits = ReadLimits(max_file_bytes=int(cfg.max_file_mb * 2**20), max_line_bytes=cfg.max_line_bytes)
     for unit in batch.column("unit").to_pylist():
         unit = json.loads(unit)
-        source = sources[unit["source_idx"]]
+        s, u = unit["source_idx"], unit["unit_idx"]
+        source = sources[s]
+        spill = ChunkSpiller(storage.join(work, "rows"), s)
         rows: list[dict] = []
         for row_idx, record in enumerate(read_unit(source, tuple(unit["files"]), limits)):
             row = process_record(record, source.kind, cfg)
-            row.update(source_idx=unit["source_idx"], unit_idx=unit["unit_idx"], row_idx=row_idx,
-                       row_key=f"{unit['source_idx']}:{unit['unit_idx']}:{row_idx}",
-                       source=source.name, kind=source.kind, location=record.location)
+            row.update(order=row_order(s, u, row_idx), source_idx=s, unit_idx=u, row_idx=row_idx,
+                       row_key=f"{s}:{u}:{row_idx}", source=source.name, kind=source.kind, location=record.location)
+            if row["kept"]:
+                row["bands"] = rules.bands(source.kind, row)
             rows.append(row)
             if len(rows) >= FLUSH_ROWS[source.kind]:
-                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+                spill.add(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
                 rows = []
         if rows:
-            yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+            spill.add(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+        spill.close()
+        if spill.written:
+            yield pa.Table.from_pylist(spill.written, schema=CHUNK_SCHEMA)
+
+
+class ChunkSpiller:
+    """Encode row tables as row groups of one Parquet file in memory; write it (atomically,
+    named by its first row's order) once it reaches CHUNK_BYTES, and at close."""
+
+    def __init__(self, folder: str, source_idx: int):
+        self.folder, self.source_idx = folder, source_idx
+        self.written: list[dict] = []
+        self.sink = self.writer = None
+
+    def add(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.sink = pa.BufferOutputStream()
+            self.writer = pq.ParquetWriter(self.sink, ROW_SCHEMA, compression="zstd")
+            self.first, self.rows, self.kept = table.column("order")[0].as_py(), 0, 0
+        self.writer.write_table(table, row_group_size=len(table))
+        self.rows += len(table)
+        self.kept += int(pc.sum(table.column("kept")).as_py() or 0)
+        if self.sink.tell() >= CHUNK_BYTES:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        path = storage.join(self.folder, f"{self.first:019d}.parquet")
+        storage.write_bytes(path, self.sink.getvalue())
+        self.written.append({"path": path, "first_order": self.first, "source_idx": self.source_idx,
+                             "rows": self.rows, "kept": self.kept})
+        self.sink = self.writer = None
 
 
 def process_record(record: Record, kind: str, cfg) -> dict:
@@ -98,12 +156,18 @@ def _pair(record: Record, cfg) -> dict:
     return row
 
 
-def select_rows(batch: pa.Table, drop_keys: list[str], columns: list[str]) -> pa.Table:
-    """Ray Data UDF: the kept rows that dedup did not drop, only ``columns``."""
-    mask = batch.column("kept")
-    if drop_keys:
-        mask = pc.and_(mask, pc.invert(pc.is_in(batch.column("row_key"), value_set=pa.array(drop_keys, pa.string()))))
-    return batch.filter(mask).select(columns)
+def read_kept(batch: pa.Table, dropped_path: str, columns: list[str]) -> Iterator[pa.Table]:
+    """Ray Data UDF: each row of ``batch`` names a chunk {path, first_order, end_order}; yields
+    its kept rows that dedup did not drop (dropped.parquet), only ``columns``. One chunk at a
+    time, and only the dropped orders inside its range are read."""
+    fs, dropped_file = storage.filesystem(dropped_path)
+    for chunk in batch.to_pylist():
+        dropped = pq.read_table(dropped_file, filesystem=fs, columns=["order"],
+                                filters=[("order", ">=", chunk["first_order"]), ("order", "<", chunk["end_order"])])
+        rows = storage.read_parquet(chunk["path"], columns=[*columns, "kept", "order"])
+        mask = pc.and_(rows.column("kept"), pc.invert(pc.is_in(rows.column("order"), value_set=dropped.column("order"))))
+        yield rows.filter(mask).select(columns)
 
 
-__all__ = ["ROW_SCHEMA", "META_COLUMNS", "ORDER", "STEPS", "process_units", "process_record", "select_rows"]
+__all__ = ["ROW_SCHEMA", "CHUNK_SCHEMA", "STEPS", "ChunkSpiller", "process_units", "process_record", "row_order",
+           "read_kept"]
