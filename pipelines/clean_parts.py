@@ -24,6 +24,12 @@ from pipelines import storage
 ROW_GROUP_BYTES = 8 * 2**20
 
 
+def compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd, except binary columns (encoded images: zstd saved <1% of a 512 px PNG or JPEG for
+    ~0.45 ms of CPU per image, on write and again on every read)."""
+    return {f.name: "none" if pa.types.is_binary(f.type) else "zstd" for f in schema}
+
+
 def row_sizes(table: pa.Table) -> np.ndarray:
     """Deterministic size estimate of each row, (rows,) int64."""
     sizes = np.zeros(len(table), np.int64)
@@ -77,7 +83,8 @@ class PartWriter:
     def _flush_group(self) -> None:
         if self.writer is None:
             self.sink = pa.BufferOutputStream()
-            self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd", write_statistics=True)
+            self.writer = pq.ParquetWriter(self.sink, self.schema, compression=compression(self.schema),
+                                           write_statistics=True)
         table = pa.concat_tables(self.group).combine_chunks()  # same bytes whatever the batch boundaries were
         self.writer.write_table(table, row_group_size=len(table))
         self.group, self.group_rows, self.group_size = [], 0, 0
@@ -94,4 +101,4 @@ class PartWriter:
         self.part_n = self.part_size = 0
 
 
-__all__ = ["PartWriter", "row_sizes", "ROW_GROUP_BYTES"]
+__all__ = ["PartWriter", "row_sizes", "compression", "ROW_GROUP_BYTES"]

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.clean_parts import compression
 from pipelines.dedup import NearRules
 from pipelines.image_filters import IMAGE_STEPS
 from pipelines.rejects import Reject, content_id, run_steps
@@ -38,7 +39,7 @@ ROW_SCHEMA = pa.schema([
     ("bands", pa.list_(pa.uint64())),  # near-dedup bucket keys (NearRules.bands), null if off
 ])
 CHUNK_SCHEMA = pa.schema([("path", pa.string()), ("first_order", pa.int64()), ("source_idx", pa.int32()),
-                          ("rows", pa.int64()), ("kept", pa.int64())])
+                          ("rows", pa.int64()), ("kept", pa.int64()), ("bytes", pa.int64())])
 FLUSH_ROWS = {"text": 1024, "image": 64, "pair": 64}
 CHUNK_BYTES = 32 * 2**20        # encoded bytes after which a spilled chunk is closed
 ORDER_BITS = (10, 24, 29)       # bits of source, unit, row in ``order``
@@ -100,7 +101,7 @@ class ChunkSpiller:
     def add(self, table: pa.Table) -> None:
         if self.writer is None:
             self.sink = pa.BufferOutputStream()
-            self.writer = pq.ParquetWriter(self.sink, ROW_SCHEMA, compression="zstd")
+            self.writer = pq.ParquetWriter(self.sink, ROW_SCHEMA, compression=compression(ROW_SCHEMA))
             self.first, self.rows, self.kept = table.column("order")[0].as_py(), 0, 0
         self.writer.write_table(table, row_group_size=len(table))
         self.rows += len(table)
@@ -112,10 +113,10 @@ class ChunkSpiller:
         if self.writer is None:
             return
         self.writer.close()
-        path = storage.join(self.folder, f"{self.first:019d}.parquet")
-        storage.write_bytes(path, self.sink.getvalue())
+        path, data = storage.join(self.folder, f"{self.first:019d}.parquet"), self.sink.getvalue()
+        storage.write_bytes(path, data)
         self.written.append({"path": path, "first_order": self.first, "source_idx": self.source_idx,
-                             "rows": self.rows, "kept": self.kept})
+                             "rows": self.rows, "kept": self.kept, "bytes": data.size})
         self.sink = self.writer = None
 
 

@@ -95,7 +95,8 @@ def test_image_steps_resize_and_reencode_deterministically():
     assert im.format == "PNG" and im.mode == "RGB" and not im.info.get("exif")
     small = run_steps(IMAGE_STEPS, scene(2), ImageFilterConfig())  # 96 px stays 96 px
     assert (small.width, small.height) == (96, 96)
-    jpeg = run_steps(IMAGE_STEPS, scene(2), ImageFilterConfig(encode="jpeg"))
+    assert small.data == scene(2)  # an RGB PNG needing no change is kept as it came (keep_original)
+    jpeg = run_steps(IMAGE_STEPS, scene(2), ImageFilterConfig(encode="jpeg", keep_original=False))
     assert Image.open(io.BytesIO(jpeg.data)).format == "JPEG" and jpeg.id == small.id  # id = pixels
 
 

@@ -79,12 +79,7 @@ def ray_cluster(worker_nodes: int = 1, cpus_per_node: int = 2, timeout: float = 
     try:
         yield StartingCluster(proc, temp_dir, timeout)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -117,14 +112,19 @@ def ray_head(num_cpus: int = 2, cwd: str | None = None, timeout: float = 180.0):
         _wait_for_jobs_api(dashboard, proc, timeout, temp_dir)
         yield ClusterInfo(address=f"127.0.0.1:{port}", dashboard=dashboard, nodes=1, env=cluster_env(temp_dir))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process (it stops the Ray processes it started), SIGKILL after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_for_jobs_api(dashboard: str, proc: subprocess.Popen, timeout: float, temp_dir: str) -> None:
