@@ -79,14 +79,14 @@ def test_clean_throughput_tiny(ray_local, tmp_path, capsys):
     result = clean_throughput.main(["--images", "12", "--image-size", "64", "--photos", "3", "--docs", "40",
                                     "--text-files", "2", "--rounds", "1", "--tmp", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "images: per core" in out and "texts: per core" in out
+    assert "images-12: per core" in out and "texts: per core" in out
     cases = result["cases"]
-    assert set(cases) == {"images", "photos", "texts"}
-    assert cases["images"]["n"] == 12 and cases["photos"]["n"] == 3 and cases["texts"]["n"] == 40
+    assert set(cases) == {"images-12", "photos", "texts"}
+    assert cases["images-12"]["n"] == 12 and cases["photos"]["n"] == 3 and cases["texts"]["n"] == 40
     for case in cases.values():
         assert case["bare_per_cpu_s"] > 0 and case["stage_per_cpu_s"] > 0 and case["ratio_per_core_cpu"] > 0
         assert 0 < case["kept"] <= case["n"]
-    assert cases["photos"]["decode_only_per_cpu_s"] > 0 and cases["images"]["steps_loop_per_cpu_s"] > 0
+    assert cases["photos"]["decode_only_per_cpu_s"] > 0 and cases["images-12"]["steps_loop_per_cpu_s"] > 0
 
 
 @pytest.mark.slow
