@@ -137,22 +137,25 @@ def _map_rows(ray, units, sources, cfg, work, ray_cfg) -> list[dict]:
     if not units:
         return []
     items = [{"unit": json.dumps(u)} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    blocks = min(len(items), MAX_BLOCKS)
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
         process_units, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"sources": sources, "cfg": cfg, "rules": cfg.near_rules(), "work": work},
-        num_cpus=ray_cfg.cpus_per_task, compute=_task_pool(),
+        num_cpus=ray_cfg.cpus_per_task, compute=_task_pool(blocks),
     )
     chunks = [c for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") for c in b.to_pylist()]
     return sorted(chunks, key=lambda c: c["first_order"])
 
 
-def _task_pool():
+def _task_pool(blocks: int):
     """At most one task per logical CPU (as pack): Ray reuses its idle workers instead of
-    starting one per fractional-CPU slot (each start imports ray.data, ~1.3 CPU-s)."""
+    starting one per fractional-CPU slot (each start imports ray.data, ~1.3 CPU-s). Never
+    more than the input blocks, which Ray Data would warn about in every small run."""
     import ray
 
-    return ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return ray.data.TaskPoolStrategy(size=max(1, min(cpus, blocks)))
 
 
 def _dedup(ray, chunks: list[dict], cfg: CleanConfig, work: str, ray_cfg) -> dict:
@@ -173,9 +176,10 @@ def _write_kept(ray, chunks: list[dict], dropped: dict, out: str, cfg: CleanConf
         ends = [c["first_order"] for c in chunks[1:]] + [2**63 - 1]
         items = [{"path": c["path"], "first_order": c["first_order"], "end_order": end}
                  for c, end in zip(chunks, ends) if c["kept"]]
-        ds = ray.data.from_items(items, override_num_blocks=_sort_blocks(chunks, len(items)))
+        blocks = _sort_blocks(chunks, len(items))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(read_kept, batch_size=None, batch_format="pyarrow", num_cpus=ray_cfg.cpus_per_task,
-                            compute=_task_pool(), fn_kwargs={"dropped_path": dropped["path"], "columns": KEPT_COLUMNS})
+                            compute=_task_pool(blocks), fn_kwargs={"dropped_path": dropped["path"], "columns": KEPT_COLUMNS})
         for batch in ds.sort(["kind", "id"]).iter_batches(batch_size=256, batch_format="pyarrow"):
             for kind in KINDS:
                 of_kind = batch.filter(pc.equal(batch.column("kind"), kind))
