@@ -108,7 +108,7 @@ def test_pack_benchmark_tiny(ray_local, tmp_path, capsys):
 def test_growth_tiny(tmp_path, capsys):
     """Stages run as their own processes (own Ray each), so this needs no ray_local."""
     result = growth.main(["--scales", "1,2,3", "--pairs", "8", "--images", "4", "--docs", "20",
-                          "--vocab-size", "120", "--tmp", str(tmp_path)])
+                          "--text-rows", "100", "--vocab-size", "120", "--tmp", str(tmp_path)])
     out = capsys.readouterr().out
     assert "peak memory" in out and "time x3 / x1" in out
     assert result["corpus"][2]["pairs"] == 16 and result["corpus"][3]["images"] == 12
