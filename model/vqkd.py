@@ -318,16 +318,24 @@ class VQKD(nn.Module):
             _atomic(directory, name, data)
 
     @classmethod
-    def load(cls, directory: str, map_location: str = "cpu") -> "VQKD":
-        from safetensors.torch import load_file
+    def deserialize(cls, files: dict[str, bytes], source: str = "VQ-KD bytes") -> "VQKD":
+        """The inverse of ``serialize``: a model (eval mode, CPU) from those two files' bytes."""
+        from safetensors.torch import load
 
-        with open(os.path.join(directory, CONFIG_FILE)) as f:
-            data = json.load(f)
+        data = json.loads(files[CONFIG_FILE])
         data.pop("model_type", None)
         model = cls(VQKDConfig(**data))
-        load_strict(model, load_file(os.path.join(directory, STATE_FILE), device=map_location),
-                    source=directory)
+        load_strict(model, load(files[STATE_FILE]), source=source)
         return model.eval()
+
+    @classmethod
+    def load(cls, directory: str, map_location: str = "cpu") -> "VQKD":
+        """What ``save`` wrote into ``directory``."""
+        files = {}
+        for name in (CONFIG_FILE, STATE_FILE):
+            with open(os.path.join(directory, name), "rb") as f:
+                files[name] = f.read()
+        return cls.deserialize(files, source=directory).to(map_location)
 
 
 def config_from_state(state: dict[str, torch.Tensor]) -> VQKDConfig:

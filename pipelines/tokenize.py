@@ -214,10 +214,10 @@ class PartTokenizer:
         import torch
         from PIL import Image
 
-        from model.vqkd import preprocess
+        from model.vqkd import VQKD, preprocess
 
         if self.vqkd is None:
-            self.vqkd = _load_vqkd(self.visual_files).to(self.device)
+            self.vqkd = VQKD.deserialize(self.visual_files, source="visual tokenizer bytes").to(self.device)
         size = self.vqkd.config.image_size
         views = []
         for data, sample_id in zip(images, ids):
@@ -243,19 +243,6 @@ def _png(pixels: np.ndarray, level: int) -> bytes:
     Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=level,
                                         compress_type=PNG_STRATEGY, optimize=False)
     return buf.getvalue()
-
-
-def _load_vqkd(files: dict[str, bytes]):
-    """VQKD from the bytes of what VQKD.save writes (config.json + model.safetensors)."""
-    from safetensors.torch import load
-
-    from model.vqkd import CONFIG_FILE, STATE_FILE, VQKD, VQKDConfig, load_strict
-
-    config = json.loads(files[CONFIG_FILE])
-    config.pop("model_type", None)
-    model = VQKD(VQKDConfig(**config))
-    load_strict(model, load(files[STATE_FILE]), source="visual tokenizer bytes")
-    return model.eval()
 
 
 def _empty_rows() -> dict[str, list]:

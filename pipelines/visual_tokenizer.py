@@ -167,7 +167,7 @@ def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tup
 
     ids = sorted({i for path in parts for i in storage.read_parquet(path, ["id"]).column("id").to_pylist()})
     random.Random(seed).shuffle(ids)
-    wanted = set(ids[:limit])  # read only the chosen images' bytes: corpora can be large
+    wanted = set(ids[:limit])  # keep only the chosen images' bytes in memory: corpora can be large
     rows = {}
     for path in parts:
         table = storage.read_parquet(path, columns=["id", "image"])
