@@ -89,10 +89,8 @@ def _exact_duplicates(parts: list[pa.Table]) -> pa.Table:
             if (kinds[k], ids[k]) != (kinds[first], ids[first]):
                 first = k
                 continue
-            for name, value in (("order", orders[k]), ("kind", kinds[k]), ("id", ids[k]), ("location", where[k]),
-                                ("reason", "duplicate"), ("detail", f"same content as {where[first]}"),
-                                ("step", "exact_dedup")):
-                rows[name].append(value)
+            _append(rows, order=orders[k], kind=kinds[k], id=ids[k], location=where[k], reason="duplicate",
+                    detail=f"same content as {where[first]}", step="exact_dedup")
     return pa.table(rows, schema=DROPPED_SCHEMA)
 
 
@@ -136,10 +134,15 @@ def _near_edges(chunks: list[str], groups: list[list[int]], rules: NearRules) ->
                 seen.add((i, j))
                 detail = rules.confirm(rows[i]["kind"], rows[j], rows[i])
                 if detail:
-                    for name, value in (("i", i), ("j", j), ("kind", rows[i]["kind"]), ("id", rows[i]["id"]),
-                                        ("location", rows[i]["location"]), ("detail", detail)):
-                        edges[name].append(value)
+                    _append(edges, i=i, j=j, kind=rows[i]["kind"], id=rows[i]["id"], location=rows[i]["location"],
+                            detail=detail)
     return pa.table(edges, schema=EDGE_SCHEMA)
+
+
+def _append(columns: dict[str, list], **row) -> None:
+    """Add one row to column lists; the caller names every column, so they stay aligned."""
+    for name, value in row.items():
+        columns[name].append(value)
 
 
 def resolve(shard_outputs: list[dict], out_path: str) -> dict:
@@ -154,9 +157,8 @@ def resolve(shard_outputs: list[dict], out_path: str) -> dict:
         if i in dropped or j in dropped:  # i already resolved, or j is not a kept row to point at
             continue
         dropped.add(i)
-        for name, value in (("order", i), ("kind", kind), ("id", row_id), ("location", where),
-                            ("reason", "near_duplicate"), ("detail", detail), ("step", "near_dedup")):
-            near[name].append(value)
+        _append(near, order=i, kind=kind, id=row_id, location=where, reason="near_duplicate", detail=detail,
+                step="near_dedup")
     table = pa.concat_tables([*exact, pa.table(near, schema=DROPPED_SCHEMA)]).sort_by("order")
     storage.write_parquet(table, out_path)
     return {"path": out_path, "rows": len(table)}
