@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -112,7 +111,7 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
         parts["rejected"] = _write_rejected(chunks, dropped["path"], sources, staging, cfg, rejected)
         metrics = _metrics(sources, chunks, rejected, parts)  # raises, leaving out_dir untouched, unless it reconciles
     finally:
-        _remove(work)
+        storage.remove(work)
     storage.publish_dir(staging, cfg.out_dir)
     return metrics
 
@@ -120,16 +119,6 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
 def _work_dir(staging: str, out_dir: str) -> str:
     """Scratch beside the staging dir (local: matched by staging_dir's stale-run cleanup)."""
     return storage.join(out_dir, "_work") if storage.is_uri(out_dir) else f"{staging}-work"
-
-
-def _remove(folder: str) -> None:
-    if storage.is_uri(folder):
-        fs, p = storage.filesystem(folder)
-        fs.delete_dir_contents(p, missing_dir_ok=True)
-        with contextlib.suppress(OSError):
-            fs.delete_dir(p)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _map_rows(ray, units, sources, cfg, work, ray_cfg) -> list[dict]:

@@ -39,7 +39,6 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -103,16 +102,16 @@ def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict
     plan = make_plan(cfg, parts, tokenizers)
     done = finished_shards(cfg.out_dir, plan)
     _write_partial(cfg.out_dir, plan, done)
-    _delete(storage.join(cfg.out_dir, MANIFEST))
+    storage.remove(storage.join(cfg.out_dir, MANIFEST))
     _remove_stale(cfg.out_dir, keep=set(done))
     todo = [s for s in plan.shards if s.path not in done]
     if todo:
         with ray_session(ray_cfg) as ray:
             _run(ray, cfg, ray_cfg, plan, todo, done)
-    _delete(storage.join(cfg.out_dir, SPILL))  # also a killed run's, when nothing was left to do
+    storage.remove(storage.join(cfg.out_dir, SPILL))  # also a killed run's, when nothing was left to do
     manifest = build_manifest(cfg, plan, tokenizers, done)
     storage.write_json(storage.join(cfg.out_dir, MANIFEST), manifest)
-    _delete(storage.join(cfg.out_dir, PARTIAL))
+    storage.remove(storage.join(cfg.out_dir, PARTIAL))
     seconds = time.time() - start
     return {"rows": manifest["rows"], "rows_by_modality": manifest["rows_by_modality"],
             "splits": manifest["splits"], "shards": len(plan.shards), "shards_written": len(todo),
@@ -183,7 +182,7 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
         gather = remote(gather_slices)
     else:
         spill_dir = storage.join(cfg.out_dir, SPILL)
-        _delete(spill_dir)
+        storage.remove(spill_dir)
         spills = {storage.join(spill_dir, f"part-{j:05d}.arrow"): args for j, args in inputs.items()}
         batches = dict(_bounded(ray, limit, {spill: (path, spill, dest, pos)
                                              for spill, (path, dest, pos) in spills.items()}, remote(scatter_part)))
@@ -320,17 +319,8 @@ def _remove_stale(out_dir: str, keep: set[str]) -> None:
         base = storage.join(out_dir, split)
         for path in storage.list_files(base):
             if f"{split}/{path[len(base) + 1:]}" not in keep:
-                _delete(path)
+                storage.remove(path)
     storage.remove_temp_files(out_dir)
-
-
-def _delete(path: str) -> None:
-    fs, p = storage.filesystem(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(p)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(p)
 
 
 def _size(path: str) -> int:

@@ -138,6 +138,16 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def remove(path: str) -> None:
+    """Delete a file or a whole folder, local or URI; nothing happens if it is absent."""
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def remove_temp_files(folder: str) -> None:
     """Delete ``*.tmp-*`` files directly in ``folder`` (left by storage.write_* when killed)."""
     fs, p = filesystem(folder)
