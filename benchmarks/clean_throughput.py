@@ -67,10 +67,10 @@ KEEP_WORKERS = {"RAY_num_workers_soft_limit": "32", "RAY_idle_worker_killing_tim
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, nargs="+", default=[1000, 4000],
+    p.add_argument("--images", type=int, nargs="+", default=[1000, 4000, 16000],
                    help="demo-size scenes, one corpus per count (0: skip)")
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--photos", type=int, default=100, help="640x480 scenes (0: skip)")
+    p.add_argument("--photos", type=int, default=1000, help="640x480 scenes (0: skip)")
     p.add_argument("--docs", type=int, default=2000, help="stdlib docstrings (0: skip; ~4.8k exist)")
     p.add_argument("--text-files", type=int, default=4, help="JSONL files the docs are split into")
     p.add_argument("--rounds", type=int, default=2)

@@ -11,7 +11,7 @@ the weights). Ray starts once, and one small warm-up tokenize runs, before timin
 Timed side by side, interleaved (the order flips every round), each figure the median:
 
 - bare:         one process, one thread (torch.set_num_threads(1), the fair torch
-                baseline), reading the same parts: PIL decode -> model.vqkd.preprocess ->
+                baseline), reading the same parts: PIL decode -> model.images.preprocess ->
                 VQKD.codes in batches of ``--batch-size``; the issue's baseline.
 - bare + PNG:   the same loop producing what the stage produces: each tokenized view
                 encoded as the stage stores it (PNG, run-length strategy, level
@@ -54,7 +54,8 @@ from PIL import Image
 
 from benchmarks.common import print_table
 from benchmarks.data_common import TreeMonitor, load_note, ratio, scene_images
-from model.vqkd import VQKD, preprocess, vqkd_preset
+from model.images import preprocess
+from model.vqkd import VQKD, vqkd_preset
 from pipelines import storage
 from pipelines.clean import OUTPUT_SCHEMAS
 from pipelines.demo_text import stdlib_docs

@@ -1,4 +1,4 @@
-"""Encoded image bytes -> the backbone's input tensor.
+"""Image transforms: encoded bytes -> the backbone's input tensor, and BEiT v2's tokenizer view.
 
 Shard images are stored at the exact view the visual tokenizer saw (DESIGN §5), so there is
 no resizing here: decode, RGB, scale to [0, 1], then the official BEiT-3 normalisation
@@ -28,3 +28,27 @@ def to_model_input(png_or_jpeg_bytes: bytes, image_size: int | None = None) -> t
         raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, expected {image_size}x{image_size}")
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
     return x.sub_(0.5).div_(0.5)
+
+
+def preprocess(pil_image, image_size: int = 224) -> torch.Tensor:
+    """PIL image -> FloatTensor (3, S, S) in [0, 1], BEiT v2's tokenizer transform.
+
+    torchvision Resize(round(S*256/224), bicubic) (shorter side; longer side
+    truncated as torchvision does) -> CenterCrop(S) -> ToTensor. S=224 gives 256/224.
+    """
+    img = pil_image.convert("RGB")
+    w, h = img.size
+    short = int(round(image_size * 256 / 224))
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    img = img.resize(size, Image.BICUBIC)
+    left = int(round((size[0] - image_size) / 2.0))
+    top = int(round((size[1] - image_size) / 2.0))
+    img = img.crop((left, top, left + image_size, top + image_size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+
+
+__all__ = ["to_model_input", "preprocess"]

@@ -26,7 +26,6 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -406,30 +405,5 @@ def _autocast_off(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-# ---------------------------------------------------------------- preprocessing
-
-def preprocess(pil_image, image_size: int = 224) -> torch.Tensor:
-    """PIL image -> FloatTensor (3, S, S) in [0, 1], BEiT v2's tokenizer transform.
-
-    torchvision Resize(round(S*256/224), bicubic) (shorter side; longer side
-    truncated as torchvision does) -> CenterCrop(S) -> ToTensor. S=224 gives 256/224.
-    """
-    from PIL import Image
-
-    img = pil_image.convert("RGB")
-    w, h = img.size
-    short = int(round(image_size * 256 / 224))
-    if w <= h:
-        size = (short, int(short * h / w))
-    else:
-        size = (int(short * w / h), short)
-    img = img.resize(size, Image.BICUBIC)
-    left = int(round((size[0] - image_size) / 2.0))
-    top = int(round((size[1] - image_size) / 2.0))
-    img = img.crop((left, top, left + image_size, top + image_size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
-
-
-__all__ = ["VQKD", "VQKDConfig", "VQKD_PRESETS", "vqkd_preset", "preprocess", "config_from_state",
+__all__ = ["VQKD", "VQKDConfig", "VQKD_PRESETS", "vqkd_preset", "config_from_state",
            "load_strict"]

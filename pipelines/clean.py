@@ -13,14 +13,20 @@ never O(rows):
    dedup_shard_rows)`` shards of the id / LSH-band hash space, then one task
    that resolves near-duplicate chains (pipelines.dedup_shards): every dropped
    row in ``dropped.parquet``;
-4. kept rows minus dropped ones, sorted by (kind, id) in one Ray Data sort and
-   streamed to ``out_dir/{text,image,pair}/part-NNNNN.parquet``; rejected rows
-   (the map's and dedup's, merged by input order) streamed to ``out_dir/rejected/``.
-   Parts close at ``part_rows`` rows or ``part_bytes`` bytes, encoded as they fill
-   and written atomically (pipelines.clean_parts).
+4. one pass over the chunks in input order on the driver: kept rows minus
+   dropped ones go to ``out_dir/{text,image,pair}/part-NNNNN.parquet``, rejected
+   rows (the map's and dedup's, merged by order) to ``out_dir/rejected/``. Parts
+   close at ``part_rows`` rows or ``part_bytes`` bytes, encoded as they fill and
+   written atomically (pipelines.clean_parts). Output keeps input order, as
+   datatrove and NeMo Curator do: a global sort by id moved every image through
+   Ray's object store a second time and cost more than cleaning small images;
+   pack shuffles anyway. (At cluster scale this pass is the driver's only byte
+   copy: read, filter, write; to parallelise it, cut parts per group of chunks
+   in Ray tasks and number them afterwards.)
 
-Same inputs and params give byte-identical files: ids are content hashes, all
-output order is a sort, and the encoders are deterministic. A local ``out_dir``
+Same inputs and params give byte-identical files: ids are content hashes, output
+order is input order (sources, their sorted files, rows), whatever ran where,
+and the encoders are deterministic. A local ``out_dir``
 is written under a temporary sibling name and renamed into place at the end,
 so an interrupted run never leaves a half-written ``out_dir`` behind; the work
 folder sits beside it (``<out_dir>.tmp-*-work``, cleared by the next run if this
@@ -28,7 +34,6 @@ one is killed).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections import Counter
@@ -41,7 +46,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.clean_parts import PartWriter
-from pipelines.clean_rows import ORDER_BITS, STEPS, process_units, read_kept
+from pipelines.clean_rows import ORDER_BITS, STEPS, process_units
 from pipelines.configs import check
 from pipelines.dedup import NearRules
 from pipelines.dedup_shards import DROPPED_SCHEMA, dedup_shard, resolve
@@ -59,9 +64,11 @@ OUTPUT_SCHEMAS = {
     "pair": pa.schema([("id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
                        ("height", pa.int32()), ("caption", pa.string()), ("source", pa.string())]),
 }
-MAX_BLOCKS = 256
-SORT_BLOCK_BYTES = 64 * 2**20    # spilled chunk bytes per block of the kept-row sort
-KEPT_COLUMNS = ["kind", "id", "image", "width", "height", "text", "source"]
+MAX_BLOCKS = 256               # map tasks at most
+UNITS_PER_BLOCK = 8            # map units per task unless that leaves < BLOCKS_PER_CPU tasks per CPU
+BLOCKS_PER_CPU = 4
+CHUNK_COLUMNS = ["order", "kept", "kind", "id", "image", "width", "height", "text", "source", "location",
+                 "reason", "detail", "step"]
 
 
 @dataclass(frozen=True)
@@ -103,12 +110,12 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
     staging = storage.staging_dir(cfg.out_dir)
     work = _work_dir(staging, cfg.out_dir)
     try:
-        with ray_session(ray_cfg) as ray, _preserve_order(ray):
-            chunks = _map_rows(ray, units, sources, cfg, work, ray_cfg)
-            dropped = _dedup(ray, chunks, cfg, work, ray_cfg)
-            parts = _write_kept(ray, chunks, dropped, staging, cfg, ray_cfg)
+        rules = cfg.near_rules()  # LSH band sizes: ~30 ms of numeric integration, computed once
+        with ray_session(ray_cfg) as ray:
+            chunks = _map_rows(ray, units, sources, cfg, rules, work, ray_cfg)
+            dropped = _dedup(ray, chunks, cfg, rules, work, ray_cfg)
         rejected = Counter()  # (source, kind, reason, step) -> rows
-        parts["rejected"] = _write_rejected(chunks, dropped["path"], sources, staging, cfg, rejected)
+        parts = _write_outputs(chunks, dropped["path"], sources, staging, cfg, rejected)
         metrics = _metrics(sources, chunks, rejected, parts)  # raises, leaving out_dir untouched, unless it reconciles
     finally:
         storage.remove(work)
@@ -121,69 +128,45 @@ def _work_dir(staging: str, out_dir: str) -> str:
     return storage.join(out_dir, "_work") if storage.is_uri(out_dir) else f"{staging}-work"
 
 
-def _map_rows(ray, units, sources, cfg, work, ray_cfg) -> list[dict]:
+def _map_rows(ray, units, sources, cfg, rules: NearRules, work, ray_cfg) -> list[dict]:
     """The per-row map; returns the spilled chunks' summaries in input order."""
     if not units:
         return []
     items = [{"unit": json.dumps(u)} for u in units]
-    blocks = min(len(items), MAX_BLOCKS)
+    blocks = _map_blocks(len(items), _cluster_cpus(ray))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
-        process_units, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"sources": sources, "cfg": cfg, "rules": cfg.near_rules(), "work": work},
-        num_cpus=ray_cfg.cpus_per_task, compute=_task_pool(blocks),
+        process_units, batch_size=None, batch_format="pyarrow",  # a block's units in one call: one chunk
+        fn_kwargs={"sources": sources, "cfg": cfg, "rules": rules, "work": work},
+        num_cpus=ray_cfg.cpus_per_task, compute=ray.data.TaskPoolStrategy(size=min(_cluster_cpus(ray), blocks)),
     )
     chunks = [c for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") for c in b.to_pylist()]
     return sorted(chunks, key=lambda c: c["first_order"])
 
 
-def _task_pool(blocks: int):
-    """At most one task per logical CPU (as pack): Ray reuses its idle workers instead of
-    starting one per fractional-CPU slot (each start imports ray.data, ~1.3 CPU-s). Never
-    more than the input blocks, which Ray Data would warn about in every small run."""
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return ray.data.TaskPoolStrategy(size=max(1, min(cpus, blocks)))
+def _map_blocks(units: int, cpus: int) -> int:
+    """Map tasks: UNITS_PER_BLOCK units each (a task costs Ray Data ~10-20 ms of CPU, as much
+    as 30 small images), but at least BLOCKS_PER_CPU per CPU while units last (balance,
+    progress), and at most MAX_BLOCKS."""
+    return max(1, min(units, MAX_BLOCKS, max(BLOCKS_PER_CPU * cpus, math.ceil(units / UNITS_PER_BLOCK))))
 
 
-def _dedup(ray, chunks: list[dict], cfg: CleanConfig, work: str, ray_cfg) -> dict:
+def _cluster_cpus(ray) -> int:
+    """Logical CPUs of the cluster. Task pools are no larger (as pack): Ray reuses its idle
+    workers instead of starting one per fractional-CPU slot (each start imports ray.data,
+    ~1.3 CPU-s)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _dedup(ray, chunks: list[dict], cfg: CleanConfig, rules: NearRules, work: str, ray_cfg) -> dict:
     """Sharded exact + near dedup (pipelines.dedup_shards); returns resolve's summary."""
     paths = ray.put([c["path"] for c in chunks])
     shards = max(1, math.ceil(sum(c["rows"] for c in chunks) / cfg.dedup_shard_rows))
     task = ray.remote(dedup_shard).options(num_cpus=ray_cfg.cpus_per_task)
-    rules, folder = cfg.near_rules(), storage.join(work, "dedup")
+    folder = storage.join(work, "dedup")
     outputs = ray.get([task.remote(paths, s, shards, rules, folder) for s in range(shards)])
     final = ray.remote(resolve).options(num_cpus=ray_cfg.cpus_per_task)
     return {**ray.get(final.remote(outputs, storage.join(work, "dropped.parquet"))), "shards": shards}
-
-
-def _write_kept(ray, chunks: list[dict], dropped: dict, out: str, cfg: CleanConfig, ray_cfg) -> dict:
-    """Stream every kept row, sorted by (kind, id) in one Ray Data sort, into parts per kind."""
-    writers = {kind: PartWriter(out, kind, OUTPUT_SCHEMAS[kind], cfg.part_rows, cfg.part_bytes) for kind in KINDS}
-    if sum(c["kept"] for c in chunks) > dropped["rows"]:
-        ends = [c["first_order"] for c in chunks[1:]] + [2**63 - 1]
-        items = [{"path": c["path"], "first_order": c["first_order"], "end_order": end}
-                 for c, end in zip(chunks, ends) if c["kept"]]
-        blocks = _sort_blocks(chunks, len(items))
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(read_kept, batch_size=None, batch_format="pyarrow", num_cpus=ray_cfg.cpus_per_task,
-                            compute=_task_pool(blocks), fn_kwargs={"dropped_path": dropped["path"], "columns": KEPT_COLUMNS})
-        for batch in ds.sort(["kind", "id"]).iter_batches(batch_size=256, batch_format="pyarrow"):
-            for kind in KINDS:
-                of_kind = batch.filter(pc.equal(batch.column("kind"), kind))
-                if len(of_kind):
-                    writers[kind].add(_output_table(of_kind, kind))
-    stats = {kind: w.close() for kind, w in writers.items()}
-    return {kind: st for kind, st in stats.items() if st["rows"]}
-
-
-def _sort_blocks(chunks: list[dict], n_items: int) -> int:
-    """Blocks (so sort partitions) for the kept rows: one per SORT_BLOCK_BYTES of spilled
-    chunks. Every block costs a read, a sort-map and a sort-reduce task (~10-20 ms of Ray CPU
-    each); one block per chunk made the sort of 1000 small images cost more than cleaning them."""
-    spilled = sum(c["bytes"] for c in chunks if c["kept"])
-    return max(1, min(n_items, MAX_BLOCKS, math.ceil(spilled / SORT_BLOCK_BYTES)))
 
 
 def _output_table(batch: pa.Table, kind: str) -> pa.Table:
@@ -192,25 +175,28 @@ def _output_table(batch: pa.Table, kind: str) -> pa.Table:
     return pa.table([named.column(f.name).cast(f.type) for f in schema], schema=schema)
 
 
-def _write_rejected(chunks, dropped_path, sources, out, cfg: CleanConfig, counts: Counter) -> dict:
-    """Rejected rows of the map and of dedup, merged in input order, streamed into parts;
-    counts (source, kind, reason, step) as they pass."""
-    writer = PartWriter(out, "rejected", REJECTED_SCHEMA, cfg.part_rows, cfg.part_bytes)
+def _write_outputs(chunks, dropped_path, sources, out, cfg: CleanConfig, counts: Counter) -> dict:
+    """Every chunk once, in input order: its kept rows that dedup did not drop into its kind's
+    parts, its rejected rows and dedup's dropped ones (merged by order) into rejected/;
+    counts (source, kind, reason, step) of the rejected rows. Returns part stats per name."""
+    writers = {name: PartWriter(out, name, schema, cfg.part_rows, cfg.part_bytes)
+               for name, schema in {**OUTPUT_SCHEMAS, "rejected": REJECTED_SCHEMA}.items()}
     dropped = OrderedReader(dropped_path)
     for k, chunk in enumerate(chunks):
-        limit = chunks[k + 1]["first_order"] if k + 1 < len(chunks) else None
-        rows = dropped.below(limit)
-        if chunk["kept"] < chunk["rows"]:  # the map rejected some of its rows: read them
-            rejected = storage.read_parquet(chunk["path"], columns=["kept", *DROPPED_SCHEMA.names])
-            rejected = rejected.filter(pc.invert(rejected.column("kept"))).select(DROPPED_SCHEMA.names)
-            rows = pa.concat_tables([rejected, rows]).sort_by("order")
-        if not len(rows):
-            continue
-        source = sources[chunk["source_idx"]].name  # every row in [first_order, limit) is this chunk's
-        rows = rows.append_column("source", pa.array([source] * len(rows), pa.string()))
-        counts.update((source, *r) for r in zip(*(rows.column(c).to_pylist() for c in ("kind", "reason", "step"))))
-        writer.add(rows.select(REJECTED_SCHEMA.names))
-    return writer.close()
+        gone = dropped.below(chunks[k + 1]["first_order"] if k + 1 < len(chunks) else None)
+        rows = storage.read_parquet(chunk["path"], columns=CHUNK_COLUMNS)
+        source = sources[chunk["source_idx"]]  # every row in [first_order, next chunk's) is this chunk's
+        kept = pc.and_(rows.column("kept"), pc.invert(pc.is_in(rows.column("order"), value_set=gone.column("order"))))
+        if pc.any(kept).as_py():
+            writers[source.kind].add(_output_table(rows.filter(kept), source.kind))
+        rejected = rows.filter(pc.invert(rows.column("kept"))).select(DROPPED_SCHEMA.names)
+        rejected = pa.concat_tables([rejected, gone]).sort_by("order")
+        if len(rejected):
+            rejected = rejected.append_column("source", pa.array([source.name] * len(rejected), pa.string()))
+            counts.update((source.name, *r) for r in zip(*(rejected.column(c).to_pylist() for c in ("kind", "reason", "step"))))
+            writers["rejected"].add(rejected.select(REJECTED_SCHEMA.names))
+    stats = {name: w.close() for name, w in writers.items()}
+    return {name: st for name, st in stats.items() if st["rows"] or name == "rejected"}
 
 
 class OrderedReader:
@@ -237,18 +223,6 @@ class OrderedReader:
             if len(self.buffer):
                 break
         return pa.concat_tables(taken) if taken else DROPPED_SCHEMA.empty_table()
-
-
-@contextlib.contextmanager
-def _preserve_order(ray):
-    """Iterate Ray Data outputs in order (a sorted dataset must come back sorted)."""
-    ctx = ray.data.DataContext.get_current()
-    old = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order = old
 
 
 # ---------------------------------------------------------------- metrics

@@ -1,12 +1,13 @@
-"""The per-row half of ``clean``: Ray Data UDFs that read units and run every step.
+"""The per-row half of ``clean``: the Ray Data UDF that reads units and runs every step.
 
-:func:`process_units` is the map: one unit (file, tar, chunk of image files)
-in, one row of :data:`ROW_SCHEMA` per input row whether kept or rejected,
-spilled to Parquet chunks ``<work>/rows/<order of first row>.parquet`` (at most
-``CHUNK_BYTES`` each, written atomically, so a retried task rewrites the same
-files) and only a summary per chunk returned: the map holds a few rows and one
-encoded chunk, never a whole unit. The global dedup happens afterwards, in
-sharded Ray tasks over the chunks (pipelines.dedup_shards).
+:func:`process_units` is the map: a block of consecutive units (files, tars, chunks
+of image files) in, one row of :data:`ROW_SCHEMA` per input row whether kept or
+rejected, spilled to Parquet chunks ``<work>/rows/<order of first row>.parquet``
+(consecutive units of one source, at most ``CHUNK_BYTES`` each, written
+atomically, so a retried task rewrites the same files) and only a summary per
+chunk returned: the map holds a few rows and one encoded chunk, never a whole
+unit. The global dedup happens afterwards, in sharded Ray tasks over the chunks
+(pipelines.dedup_shards).
 """
 from __future__ import annotations
 
@@ -63,15 +64,19 @@ STEPS = {
 
 def process_units(batch: pa.Table, sources: tuple[SourceConfig, ...], cfg, rules: NearRules,
                   work: str) -> Iterator[pa.Table]:
-    """Ray Data map_batches UDF: each row of ``batch`` is a JSON unit {source_idx, unit_idx, files};
-    spills the unit's rows and yields one :data:`CHUNK_SCHEMA` row per chunk written."""
+    """Ray Data map_batches UDF: each row of ``batch`` is a JSON unit {source_idx, unit_idx, files},
+    consecutive units in input order; spills their rows and yields one :data:`CHUNK_SCHEMA` row
+    per chunk written. A chunk spans units of one source (fewer, larger files: every later
+    phase pays ~1 ms per chunk read)."""
     limits = ReadLimits(max_file_bytes=int(cfg.max_file_mb * 2**20), max_line_bytes=cfg.max_line_bytes)
+    spill = None
     for unit in batch.column("unit").to_pylist():
         unit = json.loads(unit)
         s, u = unit["source_idx"], unit["unit_idx"]
-        source = sources[s]
-        spill = ChunkSpiller(storage.join(work, "rows"), s)
-        rows: list[dict] = []
+        if spill is None or spill.source_idx != s:
+            yield from _close(spill)
+            spill = ChunkSpiller(storage.join(work, "rows"), s)
+        source, rows = sources[s], []
         for row_idx, record in enumerate(read_unit(source, tuple(unit["files"]), limits)):
             row = process_record(record, source.kind, cfg)
             row.update(order=row_order(s, u, row_idx), source_idx=s, unit_idx=u, row_idx=row_idx,
@@ -84,6 +89,11 @@ def process_units(batch: pa.Table, sources: tuple[SourceConfig, ...], cfg, rules
                 rows = []
         if rows:
             spill.add(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    yield from _close(spill)
+
+
+def _close(spill: "ChunkSpiller | None") -> Iterator[pa.Table]:
+    if spill is not None:
         spill.close()
         if spill.written:
             yield pa.Table.from_pylist(spill.written, schema=CHUNK_SCHEMA)
@@ -157,18 +167,4 @@ def _pair(record: Record, cfg) -> dict:
     return row
 
 
-def read_kept(batch: pa.Table, dropped_path: str, columns: list[str]) -> Iterator[pa.Table]:
-    """Ray Data UDF: each row of ``batch`` names a chunk {path, first_order, end_order}; yields
-    its kept rows that dedup did not drop (dropped.parquet), only ``columns``. One chunk at a
-    time, and only the dropped orders inside its range are read."""
-    fs, dropped_file = storage.filesystem(dropped_path)
-    for chunk in batch.to_pylist():
-        dropped = pq.read_table(dropped_file, filesystem=fs, columns=["order"],
-                                filters=[("order", ">=", chunk["first_order"]), ("order", "<", chunk["end_order"])])
-        rows = storage.read_parquet(chunk["path"], columns=[*columns, "kept", "order"])
-        mask = pc.and_(rows.column("kept"), pc.invert(pc.is_in(rows.column("order"), value_set=dropped.column("order"))))
-        yield rows.filter(mask).select(columns)
-
-
-__all__ = ["ROW_SCHEMA", "CHUNK_SCHEMA", "STEPS", "ChunkSpiller", "process_units", "process_record", "row_order",
-           "read_kept"]
+__all__ = ["ROW_SCHEMA", "CHUNK_SCHEMA", "STEPS", "ChunkSpiller", "process_units", "process_record", "row_order"]

@@ -90,10 +90,11 @@ class NearRules:
 
     def confirm(self, kind: str, first: dict, later: dict) -> str | None:
         """The rejection detail if ``later`` is a near-duplicate of the earlier ``first``."""
-        where = f"{first['id']} at {first['location']}"
+        def where() -> str:  # only for a confirmed pair: most candidates are not
+            return f"{first['id']} at {first['location']}"
         if kind == "text":
             sim = float(np.mean(np.asarray(first["minhash"]) == np.asarray(later["minhash"])))
-            return f"~{sim:.2f} Jaccard with {where}" if sim >= self.threshold else None
+            return f"~{sim:.2f} Jaccard with {where()}" if sim >= self.threshold else None
         if kind == "pair" and first["caption_hash"] != later["caption_hash"]:
             return None
         dist = (first["phash"] ^ later["phash"]).bit_count()
@@ -101,7 +102,7 @@ class NearRules:
             return None
         a = np.frombuffer(first["thumb"], np.uint8).astype(np.int16)
         b = np.frombuffer(later["thumb"], np.uint8).astype(np.int16)
-        return f"phash {dist} bits from {where}" if int(np.abs(a - b).max()) <= self.max_color_diff else None
+        return f"phash {dist} bits from {where()}" if int(np.abs(a - b).max()) <= self.max_color_diff else None
 
 
 class PhashIndex:

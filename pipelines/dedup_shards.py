@@ -127,16 +127,28 @@ def _near_edges(chunks: list[str], groups: list[list[int]], rules: NearRules) ->
     edges = {name: [] for name in EDGE_SCHEMA.names}
     seen = set()
     for members in groups:
-        for a, j in enumerate(members):
-            for i in members[a + 1:]:
-                if (i, j) in seen or rows[i]["kind"] != rows[j]["kind"]:
-                    continue
-                seen.add((i, j))
-                detail = rules.confirm(rows[i]["kind"], rows[j], rows[i])
-                if detail:
-                    _append(edges, i=i, j=j, kind=rows[i]["kind"], id=rows[i]["id"], location=rows[i]["location"],
-                            detail=detail)
+        for j, i in _pairs_to_confirm(members, rows, rules):
+            if (i, j) in seen or rows[i]["kind"] != rows[j]["kind"]:
+                continue
+            seen.add((i, j))
+            detail = rules.confirm(rows[i]["kind"], rows[j], rows[i])
+            if detail:
+                _append(edges, i=i, j=j, kind=rows[i]["kind"], id=rows[i]["id"], location=rows[i]["location"],
+                        detail=detail)
     return pa.table(edges, schema=EDGE_SCHEMA)
+
+
+def _pairs_to_confirm(members: list[int], rows: dict[int, dict], rules: NearRules) -> list[tuple[int, int]]:
+    """(earlier, later) orders of a candidate group that may be near duplicates, in member
+    order: every pair for text; for images only phashes within max_distance bits, found in
+    one vectorised step (similar scenes fill large buckets, and confirm re-checks anyway)."""
+    if any(rows[o]["phash"] is None for o in members):
+        a, b = np.triu_indices(len(members), 1)
+    else:
+        hashes = np.array([rows[o]["phash"] for o in members], np.uint64)
+        close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= rules.max_distance  # (m, m)
+        a, b = np.nonzero(np.triu(close, 1))
+    return [(members[x], members[y]) for x, y in zip(a.tolist(), b.tolist())]
 
 
 def _append(columns: dict[str, list], **row) -> None:

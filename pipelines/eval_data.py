@@ -1,7 +1,7 @@
 """Evaluation inputs: Karpathy-split caption JSON (COCO / Flickr30k / the demo) and ImageFolders.
 
 Images are preprocessed as the tokenize stage prepares shard images: the visual
-tokenizer's transform (``model.vqkd.preprocess``: shorter side to S*256/224,
+tokenizer's transform (``model.images.preprocess``: shorter side to S*256/224,
 bicubic, center crop S) at the backbone's image size, then the backbone's
 normalisation (x - 0.5) / 0.5. Files are read only under the declared root.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from model.vqkd import preprocess
+from model.images import preprocess
 from pipelines import storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")

@@ -37,6 +37,7 @@ from pipelines.rejects import Reject, content_id
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 WHITE = (255, 255, 255, 255)
 THUMB_SIZE = (8, 8)
+PHASH_REDUCING_GAP = 3.0  # phash64: box-reduce first only above 3 x 32 px (the demo's 96 px images: exact imagehash bits)
 # zlib's run-length strategy (Z_RLE): 2.5-5x faster than Pillow's default filtered strategy
 # and no larger here (96 px scenes 5.9 KB either way, 512 px photos 92 vs 97 KB); at the
 # default the PNG encode was 75-90% of the per-image cost of the clean stage.
@@ -200,10 +201,14 @@ def encode(rgb: tuple[bytes | None, Image.Image], cfg: ImageFilterConfig) -> Cle
 def phash64(im: Image.Image) -> int:
     """imagehash.phash(im) (hash_size 8, highfreq_factor 4) as a 64-bit int, bits in row-major
     order: the same operations in the same order, so the same bits, without its per-call
-    overhead (ImageHash object, np.median's checks; ~40% of its cost on a 96 px image)."""
+    overhead (ImageHash object, np.median's checks; ~40% of its cost on a 96 px image).
+    One difference: an image over PHASH_REDUCING_GAP x 32 px is first box-reduced by an
+    integer factor (Pillow's ``reducing_gap``): 3x faster on a 512 px image, a few bits
+    differ from imagehash's there (near duplicates stay near); smaller ones are unchanged."""
     import scipy.fftpack
 
-    pixels = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS))  # (32, 32) uint8
+    small = im.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=PHASH_REDUCING_GAP)
+    pixels = np.asarray(small)  # (32, 32) uint8
     low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]  # (8, 8) float64
     median = np.sort(low, axis=None)[31:33].mean()  # what np.median computes for 64 values
     return int.from_bytes(np.packbits(low > median).tobytes(), "big")

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+import stat as statmod
+from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
 import pyarrow.fs as pafs
@@ -66,6 +67,7 @@ class SourceConfig:
 class ReadLimits:
     max_file_bytes: int   # larger files / tar members are rejected unread
     max_line_bytes: int   # longer txt/JSONL lines are rejected unread
+    root: str | None = None  # the source's real folder (symlinks resolved): read_unit sets it once per unit
 
 
 @dataclass
@@ -92,44 +94,69 @@ def plan_units(source: SourceConfig, files_per_unit: int) -> list[tuple[str, ...
 def read_unit(source: SourceConfig, files: tuple[str, ...], limits: ReadLimits) -> Iterator[Record]:
     """Every row of one unit, in file order."""
     reader = READERS[(source.kind, source.format)]
+    limits = replace(limits, root=_real_root(source))
     for path in files:
         yield from reader(source, path, limits)
 
 
 # ---------------------------------------------------------------- confinement
 
-def _root(source: SourceConfig) -> str:
-    fs, p = storage.filesystem(source.path)
-    if fs.get_file_info(p).type == pafs.FileType.File:
-        return posixpath.dirname(str(source.path).rstrip("/"))
-    return str(source.path)
+def _real_root(source: SourceConfig) -> str | None:
+    """The folder a local source's files must resolve into (None for a URI source)."""
+    if storage.is_uri(source.path):
+        return None
+    path = str(source.path)
+    return os.path.realpath(os.path.dirname(path.rstrip("/")) if os.path.isfile(path) else path)
 
 
-def _confine(source: SourceConfig, path: str) -> None:
+def _confine(source: SourceConfig, path: str, limits: ReadLimits) -> None:
     """Reject a local file whose real location (symlinks resolved) is outside the source."""
     if storage.is_uri(path):
         return
-    root = os.path.realpath(_root(source))
+    root = limits.root or _real_root(source)
     real = os.path.realpath(path)
     if real != root and not real.startswith(root + os.sep):
         raise Reject("path_escape", f"{path} resolves to {real}, outside {root}")
 
 
 def _read_file(source: SourceConfig, path: str, limits: ReadLimits) -> bytes:
-    _confine(source, path)
-    fs, p = storage.filesystem(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
+    _confine(source, path, limits)
+    kind, size, read = _local_file(path) if not storage.is_uri(path) else _remote_file(path)
+    if kind == pafs.FileType.NotFound:
         raise Reject("missing_file", f"{path} does not exist")
-    if info.type != pafs.FileType.File:
+    if kind != pafs.FileType.File:
         raise Reject("missing_file", f"{path} is not a file")
-    if info.size is not None and info.size > limits.max_file_bytes:
-        raise Reject("file_too_large", f"{info.size} bytes > max_file_mb")
+    if size is not None and size > limits.max_file_bytes:
+        raise Reject("file_too_large", f"{size} bytes > max_file_mb")
     try:
-        with fs.open_input_stream(p) as f:
-            return f.read()
+        return read()
     except OSError as err:
         raise Reject("unreadable_file", str(err)) from err
+
+
+def _local_file(path: str):
+    """(type, size, read) by os.stat and open(): a third of the CPU of pyarrow's local file
+    system for a small image, which clean reads by the million."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return pafs.FileType.NotFound, None, None
+    kind = pafs.FileType.File if statmod.S_ISREG(st.st_mode) else pafs.FileType.Unknown
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return kind, st.st_size, read
+
+
+def _remote_file(path: str):
+    fs, p = storage.filesystem(path)
+    info = fs.get_file_info(p)
+
+    def read() -> bytes:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    return info.type, info.size, read
 
 
 # ---------------------------------------------------------------- lines
@@ -236,7 +263,7 @@ def _pair_jsonl(source, path, limits):
 
 def _parquet_rows(source, path, columns, limits) -> Iterator[tuple[str, dict | Reject]]:
     try:
-        _confine(source, path)
+        _confine(source, path, limits)
         fs, p = storage.filesystem(path)
         pfile = pq.ParquetFile(fs.open_input_file(p))
         missing = [c for c in columns if c not in pfile.schema_arrow.names]
@@ -302,7 +329,7 @@ def _image_folder(source, path, limits):
 def _webdataset_reader(kind: str):
     def read(source, path, limits):
         try:
-            _confine(source, path)
+            _confine(source, path, limits)
         except Reject as rej:
             yield Record(path, reject=rej, raw=path.encode())
             return

@@ -214,7 +214,8 @@ class PartTokenizer:
         import torch
         from PIL import Image
 
-        from model.vqkd import VQKD, preprocess
+        from model.vqkd import VQKD
+        from model.images import preprocess
 
         if self.vqkd is None:
             self.vqkd = VQKD.deserialize(self.visual_files, source="visual tokenizer bytes").to(self.device)

@@ -163,7 +163,7 @@ def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tup
     (uint8 (M, 3, S, S) preprocessed as the tokenizer sees them, number undecodable)."""
     from PIL import Image
 
-    from model.vqkd import preprocess
+    from model.images import preprocess
 
     ids = sorted({i for path in parts for i in storage.read_parquet(path, ["id"]).column("id").to_pylist()})
     random.Random(seed).shuffle(ids)
@@ -225,7 +225,7 @@ def probe_codes(model, probe_dir: str, seed: int) -> dict:
     """Linear probe on per-image code histograms: train split -> val accuracy."""
     from PIL import Image
 
-    from model.vqkd import preprocess
+    from model.images import preprocess
     from model.vqkd_train import code_histograms
     from pipelines.eval_data import read_image_folder
     from pipelines.eval_probe import linear_probe

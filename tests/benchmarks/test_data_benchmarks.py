@@ -106,16 +106,17 @@ def test_pack_benchmark_tiny(ray_local, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_growth_tiny(tmp_path, capsys):
-    """Stages run as their own processes (own Ray each), so this needs no ray_local."""
-    result = growth.main(["--scales", "1,2,3", "--pairs", "8", "--images", "4", "--docs", "20",
+    """Stages run as their own processes (own Ray each), so this needs no ray_local. Two
+    scales (six stage runs) keep it short; the three-scale line fit is tested above."""
+    result = growth.main(["--scales", "1,2", "--pairs", "8", "--images", "4", "--docs", "20",
                           "--text-rows", "100", "--vocab-size", "120", "--tmp", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "peak memory" in out and "time x3 / x1" in out
-    assert result["corpus"][2]["pairs"] == 16 and result["corpus"][3]["images"] == 12
+    assert "peak memory" in out and "time x2 / x1" in out
+    assert result["corpus"][2]["pairs"] == 16 and result["corpus"][2]["images"] == 8
     for stage in growth.STAGES:
-        for scale in (1, 2, 3):
+        for scale in (1, 2):
             r = result["stages"][stage][scale]
             assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_tree_pss"] > r["peak_driver_rss"] > 0
-    assert result["stages"]["pack"][3]["metrics"]["rows"] > result["stages"]["pack"][1]["metrics"]["rows"]
+    assert result["stages"]["pack"][2]["metrics"]["rows"] > result["stages"]["pack"][1]["metrics"]["rows"]
     assert result["memory_scale"] == 2 and set(result["memory_ratios"]) == set(growth.STAGES)
-    assert math.isfinite(result["time_ratio"]) and result["cpu_fit"]["per_1x_s"] != 0
+    assert math.isfinite(result["time_ratio"]) and math.isfinite(result["cpu_ratio"])

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.vqkd import VQKD, VQKDConfig, config_from_state, preprocess, vqkd_preset
+from model.images import preprocess
+from model.vqkd import VQKD, VQKDConfig, config_from_state, vqkd_preset
 
 torch.set_num_threads(1)
 

@@ -195,7 +195,7 @@ def test_vit_teacher_from_a_whole_network_trains(tmp_path, fmt):
 
 def demo_scenes(n: int, seed: int, num_objects=None):
     from pipelines.demo_data import render_scene
-    from model.vqkd import preprocess
+    from model.images import preprocess
 
     rng = random.Random(seed)
     xs, shapes = [], []

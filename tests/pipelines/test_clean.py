@@ -191,9 +191,12 @@ def test_clean_end_to_end_is_deterministic(ray_local, tmp_path):
     out = cfg.out_dir
     assert sorted(os.listdir(out)) == ["image", "pair", "rejected", "text"]
     assert sorted(os.listdir(os.path.join(out, "text"))) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    texts = [r["text"] for r in read_kind(out, "text")]
+    assert texts == [json.loads(line)["text"] for line in (tmp_path / "in/text/docs-00000.jsonl").read_text().splitlines()[:6]] + [
+        "Plain text lines are documents, one per line, in this format."]  # input order
     for kind in ("text", "image", "pair"):
         rows = read_kind(out, kind)
-        assert [r["id"] for r in rows] == sorted({r["id"] for r in rows})  # sorted, unique
+        assert len({r["id"] for r in rows}) == len(rows)  # unique
         assert pq.read_schema(storage.list_files(os.path.join(out, kind))[0]).equals(OUTPUT_SCHEMAS[kind])
     pairs = read_kind(out, "pair")
     assert all(r["caption"].startswith("a shape number") and Image.open(io.BytesIO(r["image"])).mode == "RGB" for r in pairs)

@@ -216,7 +216,7 @@ def _project(root, corpus: dict, name: str) -> str:
     os.makedirs(project)
     with open(os.path.join(PROJECT_ROOT, "params.yaml")) as f:
         params = yaml.safe_load(f)
-    params["pretrain"].update(tiny_pretrain_params(project, steps=120, checkpoint_every=10, log_every=10,
+    params["pretrain"].update(tiny_pretrain_params(project, steps=60, checkpoint_every=10, log_every=10,
                                                    log_samples=True))
     params["pack"]["out_dir"] = corpus["shards"]
     params["text_tokenizer"]["out_dir"] = corpus["text_tokenizer"]
@@ -285,7 +285,7 @@ def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_
     killed = _project(tmp_path, tiny_corpus, "killed")
     proc = _stage(killed)
     deadline = time.time() + 600
-    while _committed_step(killed) < 30:
+    while _committed_step(killed) < 20:
         assert proc.poll() is None, "the stage ended before it could be killed"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.1)
@@ -298,13 +298,13 @@ def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_
         time.sleep(0.5)
     _kill_session(proc.pid)
     interrupted_at = _committed_step(killed)
-    assert 30 <= interrupted_at < 120
+    assert 20 <= interrupted_at < 60
     assert not os.path.exists(os.path.join(killed, "model"))  # no export from a killed run
 
     _finish(_stage(killed))
     with open(os.path.join(killed, "metrics", "pretrain.json")) as f:
         summary = json.load(f)
-    assert summary["steps"] == 120
+    assert summary["steps"] == 60
     assert summary["resumed_from_step"] == interrupted_at  # the last checkpoint, not step 0
     with open(os.path.join(killed, "stage.log")) as f:
         assert f"resumed run {summary['run_name']} at step {summary['resumed_from_step']}" in f.read()
@@ -312,7 +312,7 @@ def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_
     for name in ("clean", "killed"):
         with open(os.path.join(tmp_path, name, "model", "samples.jsonl")) as f:
             samples[name] = [json.loads(line) for line in f]
-    assert [s["step"] for s in samples["killed"]] == list(range(1, 121))
+    assert [s["step"] for s in samples["killed"]] == list(range(1, 61))
     assert samples["killed"] == samples["clean"]  # nothing seen twice, nothing skipped
     curves = [torch.tensor(curve(read_csv(os.path.join(tmp_path, n, "plots", "pretrain.csv")))) for n in ("clean", "killed")]
     assert torch.allclose(curves[0], curves[1], rtol=1e-5)
