@@ -4,8 +4,8 @@ Flow (one Ray session); the driver's memory is O(sources + chunks + shards),
 never O(rows):
 1. the driver lists each source and splits it into units (files, tars, chunks of
    image files); a missing source path fails here, before any work;
-2. map (Ray Data ``map_batches``, ``ray.cpus_per_task`` CPUs per task): read a
-   unit, run every per-row step (pipelines.text_filters / image_filters), and
+2. map (Ray tasks of ``ray.cpus_per_task`` CPUs, one per CPU in flight): read a
+   block of units, run every per-row step (pipelines.text_filters / image_filters), and
    spill one row per input row, kept or rejected with a reason, to Parquet
    chunks in a work folder (pipelines.clean_rows); only a summary per chunk
    comes back;
@@ -34,8 +34,8 @@ one is killed).
 """
 from __future__ import annotations
 
-import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -46,12 +46,12 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.clean_parts import PartWriter
-from pipelines.clean_rows import ORDER_BITS, STEPS, process_units
+from pipelines.clean_rows import ORDER_BITS, STEPS, map_units
 from pipelines.configs import check
 from pipelines.dedup import NearRules
 from pipelines.dedup_shards import DROPPED_SCHEMA, dedup_shard, resolve
 from pipelines.image_filters import ImageFilterConfig
-from pipelines.ray_session import ray_session
+from pipelines.ray_session import bounded_tasks, cluster_cpus, ray_session
 from pipelines.rejects import REJECTED_SCHEMA
 from pipelines.sources import plan_units
 from pipelines.text_filters import PairFilterConfig, TextFilterConfig
@@ -129,33 +129,31 @@ def _work_dir(staging: str, out_dir: str) -> str:
 
 
 def _map_rows(ray, units, sources, cfg, rules: NearRules, work, ray_cfg) -> list[dict]:
-    """The per-row map; returns the spilled chunks' summaries in input order."""
-    if not units:
-        return []
-    items = [{"unit": json.dumps(u)} for u in units]
-    blocks = _map_blocks(len(items), _cluster_cpus(ray))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(
-        process_units, batch_size=None, batch_format="pyarrow",  # a block's units in one call: one chunk
-        fn_kwargs={"sources": sources, "cfg": cfg, "rules": rules, "work": work},
-        num_cpus=ray_cfg.cpus_per_task, compute=ray.data.TaskPoolStrategy(size=min(_cluster_cpus(ray), blocks)),
-    )
-    chunks = [c for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") for c in b.to_pylist()]
+    """The per-row map as plain Ray tasks, one per block of consecutive units (as pack; Ray
+    Data's executor cost the driver ~0.1 CPU-s per second of the map, and nothing comes back
+    but chunk summaries); prints progress every ray.progress_log_s. Returns the spilled
+    chunks' summaries in input order."""
+    cpus = cluster_cpus(ray)
+    n_blocks = _map_blocks(len(units), cpus)
+    blocks = [units[k * len(units) // n_blocks:(k + 1) * len(units) // n_blocks] for k in range(n_blocks)]
+    task = ray.remote(map_units).options(num_cpus=ray_cfg.cpus_per_task)
+    shared = ray.put((sources, cfg, rules, work))
+    jobs = {k: (block, shared) for k, block in enumerate(blocks) if block}
+    chunks, started, last = [], time.monotonic(), time.monotonic()
+    for n, (_, written) in enumerate(bounded_tasks(ray, task, jobs, cpus, ray_cfg.no_progress_timeout_s), 1):
+        chunks += written
+        if time.monotonic() - last >= ray_cfg.progress_log_s or n == len(jobs):
+            last = time.monotonic()
+            print(f"clean: map {n}/{len(jobs)} tasks, {sum(c['rows'] for c in chunks)} rows in, "
+                  f"{sum(c['kept'] for c in chunks)} kept so far, {last - started:.0f} s", flush=True)
     return sorted(chunks, key=lambda c: c["first_order"])
 
 
 def _map_blocks(units: int, cpus: int) -> int:
-    """Map tasks: UNITS_PER_BLOCK units each (a task costs Ray Data ~10-20 ms of CPU, as much
-    as 30 small images), but at least BLOCKS_PER_CPU per CPU while units last (balance,
-    progress), and at most MAX_BLOCKS."""
+    """Map tasks: UNITS_PER_BLOCK units each (every task's chunk is read again by every
+    dedup shard and by the writer, ~1 ms each), but at least BLOCKS_PER_CPU per CPU while
+    units last (balance, progress), and at most MAX_BLOCKS."""
     return max(1, min(units, MAX_BLOCKS, max(BLOCKS_PER_CPU * cpus, math.ceil(units / UNITS_PER_BLOCK))))
-
-
-def _cluster_cpus(ray) -> int:
-    """Logical CPUs of the cluster. Task pools are no larger (as pack): Ray reuses its idle
-    workers instead of starting one per fractional-CPU slot (each start imports ray.data,
-    ~1.3 CPU-s)."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _dedup(ray, chunks: list[dict], cfg: CleanConfig, rules: NearRules, work: str, ray_cfg) -> dict:
@@ -164,7 +162,9 @@ def _dedup(ray, chunks: list[dict], cfg: CleanConfig, rules: NearRules, work: st
     shards = max(1, math.ceil(sum(c["rows"] for c in chunks) / cfg.dedup_shard_rows))
     task = ray.remote(dedup_shard).options(num_cpus=ray_cfg.cpus_per_task)
     folder = storage.join(work, "dedup")
-    outputs = ray.get([task.remote(paths, s, shards, rules, folder) for s in range(shards)])
+    jobs = {s: (paths, s, shards, rules, folder) for s in range(shards)}
+    outputs = dict(bounded_tasks(ray, task, jobs, cluster_cpus(ray), ray_cfg.no_progress_timeout_s))
+    outputs = [outputs[s] for s in range(shards)]
     final = ray.remote(resolve).options(num_cpus=ray_cfg.cpus_per_task)
     return {**ray.get(final.remote(outputs, storage.join(work, "dropped.parquet"))), "shards": shards}
 

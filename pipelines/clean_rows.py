@@ -1,6 +1,6 @@
-"""The per-row half of ``clean``: the Ray Data UDF that reads units and runs every step.
+"""The per-row half of ``clean``: the Ray task that reads units and runs every step.
 
-:func:`process_units` is the map: a block of consecutive units (files, tars, chunks
+:func:`map_units` is the map: a block of consecutive units (files, tars, chunks
 of image files) in, one row of :data:`ROW_SCHEMA` per input row whether kept or
 rejected, spilled to Parquet chunks ``<work>/rows/<order of first row>.parquet``
 (consecutive units of one source, at most ``CHUNK_BYTES`` each, written
@@ -11,8 +11,6 @@ unit. The global dedup happens afterwards, in sharded Ray tasks over the chunks
 """
 from __future__ import annotations
 
-import json
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,10 +18,9 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.clean_parts import compression
-from pipelines.dedup import NearRules
 from pipelines.image_filters import IMAGE_STEPS
 from pipelines.rejects import Reject, content_id, run_steps
-from pipelines.sources import ReadLimits, Record, SourceConfig, read_unit
+from pipelines.sources import ReadLimits, Record, read_unit
 from pipelines.text_filters import CAPTION_STEPS, TEXT_STEPS, caption_id, minhash, text_id
 
 ROW_SCHEMA = pa.schema([
@@ -39,8 +36,6 @@ ROW_SCHEMA = pa.schema([
     ("thumb", pa.binary()), ("caption_hash", pa.string()),
     ("bands", pa.list_(pa.uint64())),  # near-dedup bucket keys (NearRules.bands), null if off
 ])
-CHUNK_SCHEMA = pa.schema([("path", pa.string()), ("first_order", pa.int64()), ("source_idx", pa.int32()),
-                          ("rows", pa.int64()), ("kept", pa.int64()), ("bytes", pa.int64())])
 FLUSH_ROWS = {"text": 1024, "image": 64, "pair": 64}
 CHUNK_BYTES = 32 * 2**20        # encoded bytes after which a spilled chunk is closed
 ORDER_BITS = (10, 24, 29)       # bits of source, unit, row in ``order``
@@ -62,19 +57,18 @@ STEPS = {
 }
 
 
-def process_units(batch: pa.Table, sources: tuple[SourceConfig, ...], cfg, rules: NearRules,
-                  work: str) -> Iterator[pa.Table]:
-    """Ray Data map_batches UDF: each row of ``batch`` is a JSON unit {source_idx, unit_idx, files},
-    consecutive units in input order; spills their rows and yields one :data:`CHUNK_SCHEMA` row
-    per chunk written. A chunk spans units of one source (fewer, larger files: every later
-    phase pays ~1 ms per chunk read)."""
+def map_units(units: list[dict], shared: tuple) -> list[dict]:
+    """Ray task: ``units`` ({source_idx, unit_idx, files}), consecutive in input order, and
+    ``shared`` = (sources, CleanConfig, NearRules, work folder); spills every row and returns
+    one summary per chunk written: {path, first_order, source_idx, rows, kept, bytes}. A chunk spans units of one source (few,
+    large files: every later phase pays ~1 ms per chunk read)."""
+    sources, cfg, rules, work = shared
     limits = ReadLimits(max_file_bytes=int(cfg.max_file_mb * 2**20), max_line_bytes=cfg.max_line_bytes)
-    spill = None
-    for unit in batch.column("unit").to_pylist():
-        unit = json.loads(unit)
+    written, spill = [], None
+    for unit in units:
         s, u = unit["source_idx"], unit["unit_idx"]
         if spill is None or spill.source_idx != s:
-            yield from _close(spill)
+            written += spill.close() if spill else []
             spill = ChunkSpiller(storage.join(work, "rows"), s)
         source, rows = sources[s], []
         for row_idx, record in enumerate(read_unit(source, tuple(unit["files"]), limits)):
@@ -89,14 +83,7 @@ def process_units(batch: pa.Table, sources: tuple[SourceConfig, ...], cfg, rules
                 rows = []
         if rows:
             spill.add(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
-    yield from _close(spill)
-
-
-def _close(spill: "ChunkSpiller | None") -> Iterator[pa.Table]:
-    if spill is not None:
-        spill.close()
-        if spill.written:
-            yield pa.Table.from_pylist(spill.written, schema=CHUNK_SCHEMA)
+    return written + (spill.close() if spill else [])
 
 
 class ChunkSpiller:
@@ -119,15 +106,16 @@ class ChunkSpiller:
         if self.sink.tell() >= CHUNK_BYTES:
             self.close()
 
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        path, data = storage.join(self.folder, f"{self.first:019d}.parquet"), self.sink.getvalue()
-        storage.write_bytes(path, data)
-        self.written.append({"path": path, "first_order": self.first, "source_idx": self.source_idx,
-                             "rows": self.rows, "kept": self.kept, "bytes": data.size})
-        self.sink = self.writer = None
+    def close(self) -> list[dict]:
+        """Write the open chunk, if any; returns the summaries of every chunk written so far."""
+        if self.writer is not None:
+            self.writer.close()
+            path, data = storage.join(self.folder, f"{self.first:019d}.parquet"), self.sink.getvalue()
+            storage.write_bytes(path, data)
+            self.written.append({"path": path, "first_order": self.first, "source_idx": self.source_idx,
+                                 "rows": self.rows, "kept": self.kept, "bytes": data.size})
+            self.sink = self.writer = None
+        return self.written
 
 
 def process_record(record: Record, kind: str, cfg) -> dict:
@@ -167,4 +155,4 @@ def _pair(record: Record, cfg) -> dict:
     return row
 
 
-__all__ = ["ROW_SCHEMA", "CHUNK_SCHEMA", "STEPS", "ChunkSpiller", "process_units", "process_record", "row_order"]
+__all__ = ["ROW_SCHEMA", "STEPS", "ChunkSpiller", "map_units", "process_record", "row_order"]

@@ -29,7 +29,6 @@ recorded sha256 and rewrites only the rest. ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import time
@@ -44,7 +43,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.configs import check, to_dict
-from pipelines.ray_session import RayConfig, ray_session
+from pipelines.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session
 from pipelines.schema import MODALITIES, SHARD_SCHEMA, check_schema
 from pipelines.tokenize import TOKENIZERS
 
@@ -162,9 +161,7 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
     """Scatter the parts that feed unfinished shards, then gather those shards as they finish."""
     wanted = np.zeros(len(plan.shards), bool)
     wanted[[s.index for s in todo]] = True
-    # At most one task in flight per logical CPU: bounds memory (one part or shard per task)
-    # and lets Ray reuse its idle worker processes instead of starting new ones.
-    limit = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit, timeout = cluster_cpus(ray), ray_cfg.no_progress_timeout_s
     remote = ray.remote(num_cpus=ray_cfg.cpus_per_task)
     inputs = {j: (path, np.where(wanted[plan.dest[j]], plan.dest[j], -1), plan.pos[j])
               for j, path in enumerate(plan.parts) if wanted[plan.dest[j]].any()}
@@ -172,7 +169,7 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
     jobs = {}
     if sum(_size(path) for path, _, _ in inputs.values()) <= cfg.in_memory_mb * 2**20:
         # the ordered parts stay in the object store (at most in_memory_mb, compressed) until the end
-        ordered = dict(_bounded(ray, limit, inputs, remote(order_part), fetch=False))
+        ordered = dict(bounded_tasks(ray, remote(order_part), inputs, limit, timeout, fetch=False))
         kept = {j: np.sort(dest[dest >= 0]) for j, (_, dest, _) in inputs.items()}  # ordered parts' shards
         for shard in todo:
             bounds = {j: np.searchsorted(d, [shard.index, shard.index + 1]).tolist() for j, d in kept.items()}
@@ -184,30 +181,18 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
         spill_dir = storage.join(cfg.out_dir, SPILL)
         storage.remove(spill_dir)
         spills = {storage.join(spill_dir, f"part-{j:05d}.arrow"): args for j, args in inputs.items()}
-        batches = dict(_bounded(ray, limit, {spill: (path, spill, dest, pos)
-                                             for spill, (path, dest, pos) in spills.items()}, remote(scatter_part)))
+        batches = dict(bounded_tasks(ray, remote(scatter_part), {spill: (path, spill, dest, pos)
+                                 for spill, (path, dest, pos) in spills.items()}, limit, timeout))
         for shard in todo:
             sources = [(spill, idx[shard.index]) for spill, idx in batches.items() if shard.index in idx]
             jobs[shard] = (sources, storage.join(cfg.out_dir, shard.path), *options)
         gather = remote(gather_shard)
     last_write = time.time()
-    for n, (shard, entry) in enumerate(_bounded(ray, limit, jobs, gather), start=1):
+    for n, (shard, entry) in enumerate(bounded_tasks(ray, gather, jobs, limit, timeout), start=1):
         done[shard.path] = {"split": shard.split, **entry}
         if time.time() - last_write > 1.0 or n == len(jobs):  # bounded manifest rewriting
             _write_partial(cfg.out_dir, plan, done)
             last_write = time.time()
-
-
-def _bounded(ray, limit: int, jobs: dict, task, fetch: bool = True):
-    """Run ``task.remote(*args)`` for each ``key: args`` with at most ``limit`` in flight;
-    yields (key, result) in completion order (the result's reference if not ``fetch``)."""
-    queue, pending = collections.deque(jobs.items()), {}
-    while queue or pending:
-        while queue and len(pending) < limit:
-            key, args = queue.popleft()
-            pending[task.remote(*args)] = key
-        ready, _ = ray.wait(list(pending), num_returns=1, fetch_local=fetch)
-        yield pending.pop(ready[0]), ray.get(ready[0]) if fetch else ready[0]
 
 
 def order_part(path: str, dest: np.ndarray, pos: np.ndarray) -> pa.Table:

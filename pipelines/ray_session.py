@@ -7,10 +7,12 @@ its cluster): then the stage joins that cluster, as ``ray.init()`` itself would.
 
 Progress: on a terminal Ray Data draws its progress bars; when stdout is not a terminal
 (CI, a Ray Job's log, ``dvc repro > log``) Ray Data logs a short progress block every
-``progress_log_s`` seconds instead (no bars, so no tqdm floods).
+``progress_log_s`` seconds instead (no bars, so no tqdm floods). Stages that run plain
+Ray tasks (:func:`bounded_tasks`) print their own line at the same interval.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from dataclasses import dataclass
@@ -90,3 +92,27 @@ def cluster_address(config: RayConfig) -> str | None:
 def _pythonpath(root: str) -> str:
     existing = os.environ.get("PYTHONPATH")
     return root if not existing else f"{root}{os.pathsep}{existing}"
+
+
+def cluster_cpus(ray) -> int:
+    """Logical CPUs of the cluster: the in-flight limit of :func:`bounded_tasks` (one task per
+    CPU bounds memory, and Ray reuses its idle worker processes instead of starting one per
+    fractional-CPU slot: each start re-imports the stage's libraries, ~1 CPU-s)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def bounded_tasks(ray, task, jobs: dict, limit: int, timeout_s: float, fetch: bool = True):
+    """Run ``task.remote(*args)`` for each ``key: args`` with at most ``limit`` in flight;
+    yields (key, result) in completion order (the result's reference if not ``fetch``).
+    Raises TimeoutError when no task finishes for ``timeout_s`` seconds (as Ray Data's
+    no-progress timeout; a dead worker's task is retried by Ray meanwhile)."""
+    queue, pending = collections.deque(jobs.items()), {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            key, args = queue.popleft()
+            pending[task.remote(*args)] = key
+        ready, _ = ray.wait(list(pending), num_returns=1, fetch_local=fetch, timeout=timeout_s)
+        if not ready:
+            raise TimeoutError(f"no Ray task finished in {timeout_s} s ({len(pending)} running, {len(queue)} "
+                               "queued); raise ray.no_progress_timeout_s if tasks are this slow")
+        yield pending.pop(ready[0]), ray.get(ready[0]) if fetch else ready[0]

@@ -54,12 +54,14 @@ def run_steps(steps: Sequence[Step], value: Any, cfg: Any) -> Any:
 
 
 def content_id(*parts: bytes) -> str:
-    """Stable hex id of some content (128-bit BLAKE2b over length-prefixed parts)."""
-    h = hashlib.blake2b(digest_size=16)
+    """Stable hex id of some content: SHA-256 over length-prefixed parts, first 128 bits.
+    SHA-256 rather than BLAKE2b: CPUs with SHA extensions hash 2x faster (0.33 vs 0.65 ms
+    for the pixels of a 512 x 384 image, which clean hashes once per image)."""
+    h = hashlib.sha256()
     for part in parts:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 __all__ = ["REJECTED_SCHEMA", "Reject", "run_steps", "content_id", "Step"]

@@ -62,7 +62,7 @@ def reader_visible(root: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("stage, inputs, out, task", [
-    ("clean", ["data/demo"], "data/clean", "MapBatches(process_units)"),
+    ("clean", ["data/demo"], "data/clean", "ray::map_units"),
     # an actor's title gains ".submit" while it runs a task (plain while idle or in __init__)
     ("tokenize", ["data/clean", "data/text_tokenizer", "data/visual_tokenizer"], "data/tokenized",
      "MapBatches(PartTokenizer)).submit"),
