@@ -4,13 +4,13 @@
                                           [--docs 2000] [--text-files 4] [--rounds 2]
 
 Corpora, built once (not timed): ``--images`` demo scenes of ``--image-size`` px (one
-corpus per count given: the stage's fixed costs, Ray Data planning, dedup tasks, the sort,
+corpus per count given: the stage's fixed costs, task start-up, dedup tasks, LSH setup,
 weigh less in a larger one)
 and ``--photos`` photo-sized 640x480 scenes (the stage resizes them to clean.image.max_side),
 JPEG files in an image folder; ``--docs`` stdlib docstrings as JSONL in ``--text-files``
 files (the stage reads one file per task). Each corpus is one source; the stage runs
 ``clean_sources`` with the default CleanConfig (every filter, exact and near dedup,
-rejected rows, sorted parts), in a Ray session started once.
+rejected rows, parts), in a Ray session started once.
 
 Bare loops (one process, one thread, this process's thread CPU time):
 
@@ -27,12 +27,11 @@ Bare loops (one process, one thread, this process's thread CPU time):
   exact + MinHash-LSH near dedup (datasketch) -> one Parquet file: the same filters.
 
 Stage rates per core = units per CPU-second of the driver + its Ray workers (psutil,
-benchmarks.data_common). The first run of each corpus is "cold": Ray Data starts 10-20
-worker processes, and each imports ray.data (~1.3 CPU-s), pipelines and imagehash/scipy,
-as every stage run does once. Idle workers are then kept (``KEEP_WORKERS``: Ray's
-defaults kill idle workers above num_cpus after 1 s, so each Ray Data phase would start
-new ones), and the interleaved "warm" rounds give the cost per unit that a large corpus
-pays. Ray workers run at nice 0 as under a Ray Job (see benchmarks.tokenize_throughput).
+benchmarks.data_common). The first run of each corpus is "cold": Ray starts its worker
+processes and each imports pipelines, pyarrow, Pillow and scipy (~1 CPU-s), as every stage
+run does once. Idle workers are then kept (``KEEP_WORKERS``: Ray's defaults kill idle
+workers above num_cpus after 1 s, so each phase would start new ones), and the
+interleaved "warm" rounds give the cost per unit that a large corpus pays. Ray workers run at nice 0 as under a Ray Job (see benchmarks.tokenize_throughput).
 """
 from __future__ import annotations
 

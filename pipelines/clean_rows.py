@@ -111,7 +111,7 @@ class ChunkSpiller:
         if self.writer is not None:
             self.writer.close()
             path, data = storage.join(self.folder, f"{self.first:019d}.parquet"), self.sink.getvalue()
-            storage.write_bytes(path, data)
+            storage.write_bytes(path, data, durable=False)  # scratch: a killed run's work folder is cleared
             self.written.append({"path": path, "first_order": self.first, "source_idx": self.source_idx,
                                  "rows": self.rows, "kept": self.kept, "bytes": data.size})
             self.sink = self.writer = None

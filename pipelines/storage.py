@@ -82,16 +82,18 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp name + rename locally)."""
+def write_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temp name + rename locally). ``durable=False``
+    skips the fsync: for scratch files that a crashed run discards anyway."""
     fs, p = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(p), exist_ok=True)
         tmp = f"{p}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, p)
         return
     fs.create_dir(os.path.dirname(p), recursive=True)
