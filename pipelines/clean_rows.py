@@ -37,7 +37,8 @@ ROW_SCHEMA = pa.schema([
     ("bands", pa.list_(pa.uint64())),  # near-dedup bucket keys (NearRules.bands), null if off
 ])
 FLUSH_ROWS = {"text": 1024, "image": 64, "pair": 64}
-CHUNK_BYTES = 32 * 2**20        # encoded bytes after which a spilled chunk is closed
+CHUNK_BYTES = 8 * 2**20         # encoded bytes after which a spilled chunk is closed: every later phase
+                                # holds one decoded chunk (a text row with its MinHash is ~1.3 KB)
 ORDER_BITS = (10, 24, 29)       # bits of source, unit, row in ``order``
 
 

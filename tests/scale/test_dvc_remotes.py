@@ -1,7 +1,7 @@
-"""DVC remotes: every artifact the data stages make goes to a local-folder remote (the repo's
-default) and to an S3 remote (the loopback server), and a fresh clone that pulls them runs
-`dvc repro` without recomputing anything. The first run's stages join one `ray start --head`
-node (ray.address) rather than each starting a Ray of its own."""
+"""DVC remotes: every artifact of the session's tiny `dvc repro` goes to a local-folder remote
+(the repo's default) and to an S3 remote (the loopback server), and a fresh clone that pulls
+them runs `dvc repro` without recomputing anything. (Stages joining one `ray start --head`
+node are tested in test_cluster.py.)"""
 from __future__ import annotations
 
 import os
@@ -13,9 +13,7 @@ import pytest
 import yaml
 
 from pipelines import storage
-from tests.project import copy_project, run, stages_run, update_params
-from tests.scale.ray_cluster import ray_head
-from tests.scale.tiny import TINY_PARAMS
+from tests.project import clone, run, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +57,13 @@ def clone_pull_repro(origin: str, dest: str, remote: str) -> dict:
             "status": status.stdout}
 
 
-def test_push_pull_to_local_and_s3_remotes_then_repro_reuses(s3_env, tmp_path):
-    project = copy_project(str(tmp_path / "project"))
-    with ray_head(num_cpus=TINY_PARAMS["ray"]["num_cpus"], cwd=project) as head:
-        # one Ray for the whole run: each stage joins it instead of starting its own
-        update_params(project, {**TINY_PARAMS, "ray": {**TINY_PARAMS["ray"], "address": head.address}})
-        assert stages_run(run(project, "dvc", "repro", "pack", env=head.env).stdout) == [
-            "demo_data", "clean", "text_tokenizer", "visual_tokenizer", "tokenize", "pack"]
-    update_params(project, {"ray": {"address": None}})  # not a stage param: changes nothing for DVC
+def test_push_pull_to_local_and_s3_remotes_then_repro_reuses(s3_env, tiny_repro, tmp_path):
+    project = clone(tiny_repro.root, str(tmp_path / "project"))  # outputs, dvc.lock and DVC cache
     s3_remote = f"s3://beit3/dvc-{uuid.uuid4().hex[:8]}"
     run(project, "dvc", "remote", "add", "s3", s3_remote)
     run(project, "dvc", "remote", "modify", "s3", "endpointurl", s3_env["AWS_ENDPOINT_URL"])
-    run(project, "git", "add", "-A")  # dvc.lock, the .gitignore entries, metrics/*.json (cache: false)
-    run(project, *GIT, "commit", "-qm", "tiny run")
+    run(project, "git", "add", "-A")  # the remote's config
+    run(project, *GIT, "commit", "-qm", "s3 remote")
     outs = lock_outs(project)
     assert {"data/demo", "data/clean", "data/text_tokenizer", "data/visual_tokenizer", "data/tokenized",
             "data/shards", "metrics/pack.json"} <= set(outs)
