@@ -51,7 +51,7 @@ from pipelines.configs import check
 from pipelines.dedup import NearRules
 from pipelines.dedup_shards import DROPPED_SCHEMA, dedup_shard, resolve
 from pipelines.image_filters import ImageFilterConfig
-from pipelines.ray_session import bounded_tasks, cluster_cpus, ray_session
+from pipelines.ray_session import bounded_tasks, cluster_cpus, ray_session, spread_task
 from pipelines.rejects import REJECTED_SCHEMA
 from pipelines.sources import plan_units
 from pipelines.text_filters import PairFilterConfig, TextFilterConfig
@@ -136,7 +136,7 @@ def _map_rows(ray, units, sources, cfg, rules: NearRules, work, ray_cfg) -> list
     cpus = cluster_cpus(ray)
     n_blocks = _map_blocks(len(units), cpus)
     blocks = [units[k * len(units) // n_blocks:(k + 1) * len(units) // n_blocks] for k in range(n_blocks)]
-    task = ray.remote(map_units).options(num_cpus=ray_cfg.cpus_per_task)
+    task = spread_task(ray, map_units, ray_cfg.cpus_per_task)
     shared = ray.put((sources, cfg, rules, work))
     jobs = {k: (block, shared) for k, block in enumerate(blocks) if block}
     chunks, started, last = [], time.monotonic(), time.monotonic()
@@ -160,12 +160,12 @@ def _dedup(ray, chunks: list[dict], cfg: CleanConfig, rules: NearRules, work: st
     """Sharded exact + near dedup (pipelines.dedup_shards); returns resolve's summary."""
     paths = ray.put([c["path"] for c in chunks])
     shards = max(1, math.ceil(sum(c["rows"] for c in chunks) / cfg.dedup_shard_rows))
-    task = ray.remote(dedup_shard).options(num_cpus=ray_cfg.cpus_per_task)
+    task = spread_task(ray, dedup_shard, ray_cfg.cpus_per_task)
     folder = storage.join(work, "dedup")
     jobs = {s: (paths, s, shards, rules, folder) for s in range(shards)}
     outputs = dict(bounded_tasks(ray, task, jobs, cluster_cpus(ray), ray_cfg.no_progress_timeout_s))
     outputs = [outputs[s] for s in range(shards)]
-    final = ray.remote(resolve).options(num_cpus=ray_cfg.cpus_per_task)
+    final = spread_task(ray, resolve, ray_cfg.cpus_per_task)
     return {**ray.get(final.remote(outputs, storage.join(work, "dropped.parquet"))), "shards": shards}
 
 

@@ -29,6 +29,7 @@ recorded sha256 and rewrites only the rest. ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -43,7 +44,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.configs import check, to_dict
-from pipelines.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session
+from pipelines.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session, spread_task
 from pipelines.schema import MODALITIES, SHARD_SCHEMA, check_schema
 from pipelines.tokenize import TOKENIZERS
 
@@ -162,7 +163,7 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
     wanted = np.zeros(len(plan.shards), bool)
     wanted[[s.index for s in todo]] = True
     limit, timeout = cluster_cpus(ray), ray_cfg.no_progress_timeout_s
-    remote = ray.remote(num_cpus=ray_cfg.cpus_per_task)
+    remote = functools.partial(spread_task, ray, num_cpus=ray_cfg.cpus_per_task)
     inputs = {j: (path, np.where(wanted[plan.dest[j]], plan.dest[j], -1), plan.pos[j])
               for j, path in enumerate(plan.parts) if wanted[plan.dest[j]].any()}
     options = (cfg.compression, cfg.compression_level, cfg.row_group_rows)

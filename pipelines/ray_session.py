@@ -101,6 +101,12 @@ def cluster_cpus(ray) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def spread_task(ray, fn, num_cpus: float):
+    """``fn`` as a Ray task of ``num_cpus`` CPUs spread over the cluster's nodes, as Ray Data
+    schedules its own tasks (Ray's default packs tasks onto the driver's node first)."""
+    return ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD")(fn)
+
+
 def bounded_tasks(ray, task, jobs: dict, limit: int, timeout_s: float, fetch: bool = True):
     """Run ``task.remote(*args)`` for each ``key: args`` with at most ``limit`` in flight;
     yields (key, result) in completion order (the result's reference if not ``fetch``).

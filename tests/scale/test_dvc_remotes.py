@@ -13,17 +13,19 @@ import pytest
 import yaml
 
 from pipelines import storage
-from tests.project import clone, run, stages_run
+from tests.project import DATA_STAGES, clone, run, stages_run
 
 pytestmark = pytest.mark.slow
 
 GIT = ("git", "-c", "user.email=t@t", "-c", "user.name=t")
 
 
-def lock_outs(project: str) -> list[str]:
-    """Every out DVC recorded (cached artifacts and cache: false metrics alike)."""
+def lock_outs(project: str, stages=None) -> list[str]:
+    """Every out DVC recorded for ``stages`` (all if None; cached artifacts and cache: false
+    metrics alike)."""
     lock = yaml.safe_load(open(os.path.join(project, "dvc.lock")))
-    return sorted(o["path"] for stage in lock["stages"].values() for o in stage.get("outs", []))
+    return sorted(o["path"] for name, stage in lock["stages"].items() if stages is None or name in stages
+                  for o in stage.get("outs", []))
 
 
 def tree_hashes(root: str, rel_paths: list[str]) -> dict[str, str]:
@@ -82,11 +84,12 @@ def test_push_pull_to_local_and_s3_remotes_then_repro_reuses(s3_env, tiny_repro,
     # a second push has nothing left to send
     assert "Everything is up to date" in run(project, "dvc", "push", "-r", "s3").stdout
 
-    expected = tree_hashes(project, outs)
+    pulled_outs = lock_outs(project, DATA_STAGES)  # the clones pull and check `pack` and its inputs
+    expected = tree_hashes(project, pulled_outs)
     for remote in ("local", "s3"):
         result = clone_pull_repro(project, str(tmp_path / f"clone-{remote}"), remote)
         timings[f"pull_{remote}_s"] = result["pull_s"]
         assert result["ran"] == [], f"repro after pulling from {remote} recomputed {result['ran']}"
         assert "up to date" in result["status"], result["status"]
-        assert tree_hashes(str(tmp_path / f"clone-{remote}"), outs) == expected
+        assert tree_hashes(str(tmp_path / f"clone-{remote}"), pulled_outs) == expected
     print(f"\nremote: {local_files} files, {local_size / 1e6:.2f} MB (local folder and s3 alike); {timings}")
