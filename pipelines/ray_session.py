@@ -28,7 +28,8 @@ class RayConfig:
     num_cpus: int | None = None
     # CPUs each map task / actor asks for; fractional so small machines never deadlock.
     cpus_per_task: float = 0.5
-    # Seconds Ray Data may make no progress before it fails (Ray's default is 30 min).
+    # Seconds Ray Data, or a stage's plain Ray tasks (bounded_tasks), may make no progress before
+    # the stage fails (Ray Data's default is 30 min).
     no_progress_timeout_s: int = 600
     # Seconds between Ray Data's progress blocks in non-terminal logs (rows done per operator).
     progress_log_s: int = 30

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipelines.configs import ParamsError
-from pipelines.ray_session import RayConfig, cluster_address
+from pipelines.ray_session import RayConfig, bounded_tasks, cluster_address, spread_task
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,3 +89,16 @@ def test_ray_address_in_the_environment_joins_that_cluster(tmp_path):
         joined = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
         print(f"\njoined in {time.perf_counter() - start:.1f}s: {joined}")
     assert joined["gcs"] == head.address and joined["cpus"] == 3  # the head's 3 CPUs, not a local 4+
+
+
+def _sleep_then_return(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+def test_bounded_tasks_keep_the_limit_and_fail_when_nothing_finishes(ray_local):
+    task = spread_task(ray_local, _sleep_then_return, num_cpus=0.5)
+    jobs = {k: (0.2 * (3 - k), k * 10) for k in range(3)}
+    assert dict(bounded_tasks(ray_local, task, jobs, limit=2, timeout_s=60)) == {0: 0, 1: 10, 2: 20}
+    with pytest.raises(TimeoutError, match="no_progress_timeout_s"):
+        list(bounded_tasks(ray_local, task, {"slow": (3, 1)}, limit=1, timeout_s=0.5))
