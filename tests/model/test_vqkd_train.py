@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from model.teachers import FrozenViTTeacher, HOGTeacher, build_teacher
-from model.vqkd import VQKD, ViT, vqkd_preset
+from model.vqkd import VQKD, vqkd_preset
+from model.vqkd_vit import ViT
 from model.vqkd_train import (VQKDTrainConfig, code_histograms, code_usage, ema_update,
                               init_codebook, kmeans_cosine, precompute_targets, restart_dead_codes,
                               train_vqkd)
