@@ -11,7 +11,6 @@ unit. The global dedup happens afterwards, in sharded Ray tasks over the chunks
 """
 from __future__ import annotations
 
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -61,8 +60,9 @@ STEPS = {
 def map_units(units: list[dict], shared: tuple) -> list[dict]:
     """Ray task: ``units`` ({source_idx, unit_idx, files}), consecutive in input order, and
     ``shared`` = (sources, CleanConfig, NearRules, work folder); spills every row and returns
-    one summary per chunk written: {path, first_order, source_idx, rows, kept, bytes}. A chunk spans units of one source (few,
-    large files: every later phase pays ~1 ms per chunk read)."""
+    one summary per chunk written: {path, first_order, source_idx, rows, kept, bytes}. A
+    chunk spans units of one source (few, large files: every later phase pays ~1 ms per
+    chunk read)."""
     sources, cfg, rules, work = shared
     limits = ReadLimits(max_file_bytes=int(cfg.max_file_mb * 2**20), max_line_bytes=cfg.max_line_bytes)
     written, spill = [], None
