@@ -278,10 +278,11 @@ def _kill_session(sid: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_path):
+def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_path, request):
     # The uninterrupted reference run goes alongside the one to kill (own Ray each): much of
     # a stage's wall time is Ray starting and waiting, so the two overlap on 2 cores.
     reference = _stage(_project(tmp_path, tiny_corpus, "clean"))
+    request.addfinalizer(lambda: _kill_session(reference.pid))  # also when an assert fails early
     killed = _project(tmp_path, tiny_corpus, "killed")
     proc = _stage(killed)
     deadline = time.time() + 600
