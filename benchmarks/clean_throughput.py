@@ -21,9 +21,9 @@ Bare loops (one process, one thread, this process's thread CPU time):
 - images, bare with originals kept: the same, but a file that was RGB and needed no resize
   is stored as it came instead of PNG-encoded, as the stage does (keep_original): the
   like-for-like loop for the stage's pass-through (faster than the issue baseline).
-- images, same steps: pipelines.image_filters.IMAGE_STEPS in a plain loop (the stage's
+- images, same steps: pipelines.clean.image_filters.IMAGE_STEPS in a plain loop (the stage's
   per-image work incl. phash and pixel hash, no Ray): what Ray and dedup add on top.
-- texts: JSON decode -> pipelines.text_filters.TEXT_STEPS -> text id -> MinHash ->
+- texts: JSON decode -> pipelines.clean.text_filters.TEXT_STEPS -> text id -> MinHash ->
   exact + MinHash-LSH near dedup (datasketch) -> one Parquet file: the same filters.
 
 Stage rates per core = units per CPU-second of the driver + its Ray workers (psutil,
@@ -52,12 +52,12 @@ from PIL import Image, ImageOps
 from benchmarks.common import print_table
 from benchmarks.data_common import TreeMonitor, load_note, scene_images
 from pipelines.clean import CleanConfig, clean_sources
-from pipelines.demo_text import stdlib_docs
-from pipelines.image_filters import IMAGE_STEPS, PNG_STRATEGY
-from pipelines.ray_session import RayConfig, ray_session
-from pipelines.rejects import Reject, run_steps
-from pipelines.sources import SourceConfig
-from pipelines.text_filters import MINHASH_SCHEME, MINHASH_SEED, TEXT_STEPS, minhash, text_id
+from pipelines.clean.image_filters import IMAGE_STEPS, PNG_STRATEGY
+from pipelines.clean.rejects import Reject, run_steps
+from pipelines.clean.sources import SourceConfig
+from pipelines.clean.text_filters import MINHASH_SCHEME, MINHASH_SEED, TEXT_STEPS, minhash, text_id
+from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.demo_data.text import stdlib_docs
 
 RAY = RayConfig()
 WORKER_NICENESS = {"RAY_worker_niceness": "0"}
@@ -157,7 +157,7 @@ def bare_pillow(paths: list[str], cfg: CleanConfig, out: str, encode: bool, keep
 
 
 def steps_loop(paths: list[str], cfg: CleanConfig, out: str) -> int:
-    """The stage's own per-image steps (pipelines.image_filters), no Ray, no dedup."""
+    """The stage's own per-image steps (pipelines.clean.image_filters), no Ray, no dedup."""
     stored = []
     for path in paths:
         with open(path, "rb") as f:

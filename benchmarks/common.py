@@ -29,15 +29,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from model.batch import MixedBatch, PairPart
 from model.config import BEiT3Config
 from model.masking import TextMask
+from model.optim import param_groups
 from model.task import PretrainMasks, PretrainTask
-from pipelines.train_loop import param_groups
 
 BOS, PAD, EOS = 0, 1, 2  # XLM-R ids used by the official tokenizer (DESIGN section 3)
 SPECIAL_IDS = (0, 1, 2, 3)
@@ -149,19 +148,19 @@ def matmul_peak(device: torch.device, seconds: float = 2.0) -> tuple[float, str]
 # ----------------------------------------------------------------------------- training step
 
 def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on GPU, as pipelines.train_loop does; float32 on the CPU."""
+    """bf16 autocast on GPU, as pipelines.pretrain.loop does; float32 on the CPU."""
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
 def adamw(task: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of pipelines.train_loop (paper recipe: betas (0.9, 0.98), eps 1e-6, wd 0.05)."""
+    """The optimizer of pipelines.pretrain.loop (paper recipe: betas (0.9, 0.98), eps 1e-6, wd 0.05)."""
     return torch.optim.AdamW(param_groups(task, 0.05), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
 
 
 class Trainer:
-    """One model's training step, as pipelines.train_loop runs it: bf16 autocast forward of
+    """One model's training step, as pipelines.pretrain.loop runs it: bf16 autocast forward of
     PretrainTask with precomputed masks, backward, grad-norm clip 3.0, AdamW, zero grads."""
 
     def __init__(self, name: str, task: PretrainTask, device: torch.device):

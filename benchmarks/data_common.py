@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from pipelines.demo_data import encode_image
-from pipelines.demo_scenes import render_scene
+from pipelines.demo_data.scenes import render_scene
 
 ROLES = ("driver", "workers", "ray_daemons")
 
@@ -177,7 +177,7 @@ class TreeMonitor:
 
 def scene_images(n: int, size: int, fmt: str = "png", seed: int = 0,
                  height: int | None = None) -> list[bytes]:
-    """``n`` demo scenes (pipelines.demo_scenes) encoded as the demo encodes them; ``height``
+    """``n`` demo scenes (pipelines.demo_data.scenes) encoded as the demo encodes them; ``height``
     crops a size x size scene to size x height (e.g. 640 x 480 photo-sized inputs)."""
     rng = random.Random(f"bench/{seed}/{size}")
     out = []

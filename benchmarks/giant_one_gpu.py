@@ -23,8 +23,18 @@ import time
 
 import torch
 
-from benchmarks.common import (Trainer, device_name, fmt_bytes, interleaved, matmul_peak, pair_batch, pick_device,
-                               pretrain_task, print_table, train_flops)
+from benchmarks.common import (
+    Trainer,
+    device_name,
+    fmt_bytes,
+    interleaved,
+    matmul_peak,
+    pair_batch,
+    pick_device,
+    pretrain_task,
+    print_table,
+    train_flops,
+)
 from model.beit3 import BEiT3
 from model.config import beit3_preset
 

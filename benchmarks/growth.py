@@ -72,7 +72,7 @@ def scale_dirs(root: str, scale: int) -> dict:
 
 
 def sources(demo_dir: str):
-    from pipelines.sources import SourceConfig
+    from pipelines.clean.sources import SourceConfig
 
     return [SourceConfig("demo_text", "text", "jsonl", os.path.join(demo_dir, "text")),
             SourceConfig("demo_images", "image", "folder", os.path.join(demo_dir, "images")),
@@ -108,7 +108,7 @@ def write_text_rows(folder: str, rows: int, seed: int = 0, per_file: int = 5000)
 
 def run_child(stage: str, dirs: dict) -> dict:
     """One stage, as stages/<stage>.py runs it (default params, its own Ray); returns metrics."""
-    from pipelines.ray_session import RayConfig
+    from pipelines.common.ray_session import RayConfig
 
     ray_cfg = RayConfig()
     if stage == "clean":
@@ -145,7 +145,7 @@ def make_tokenizers(dirs: dict, vocab_size: int) -> None:
     import torch
 
     from model.vqkd import VQKD, vqkd_preset
-    from pipelines.ray_session import RayConfig
+    from pipelines.common.ray_session import RayConfig
     from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
 
     train_text_tokenizer(TextTokenizerConfig(out_dir=dirs["text_tokenizer"], vocab_size=vocab_size), dirs["clean"],

@@ -33,7 +33,6 @@ import random
 import shutil
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +41,10 @@ from PIL import Image
 
 from benchmarks.common import print_table
 from benchmarks.data_common import TreeMonitor, load_note, ratio
-from pipelines import storage
+from pipelines.common import storage
+from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.common.schema import SHARD_SCHEMA, shard_table
 from pipelines.pack import PackConfig, pack_shards
-from pipelines.ray_session import RayConfig, ray_session
-from pipelines.schema import SHARD_SCHEMA, shard_table
 
 RAY = RayConfig()
 WORKER_NICENESS = {"RAY_worker_niceness": "0"}  # as under a Ray Job; set before Ray starts

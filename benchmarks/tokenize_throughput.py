@@ -56,10 +56,10 @@ from benchmarks.common import print_table
 from benchmarks.data_common import TreeMonitor, load_note, ratio, scene_images
 from model.images import preprocess
 from model.vqkd import VQKD, vqkd_preset
-from pipelines import storage
 from pipelines.clean import OUTPUT_SCHEMAS
-from pipelines.demo_text import stdlib_docs
-from pipelines.ray_session import RayConfig, ray_session
+from pipelines.common import storage
+from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.demo_data.text import stdlib_docs
 from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
 from pipelines.tokenize import PNG_STRATEGY, TokenizeConfig, tokenize_corpus
 

@@ -4,7 +4,7 @@
     python -m benchmarks.train_throughput --compile static     # torch.compile our layers
     python -m benchmarks.train_throughput --checkpoint         # our activation checkpointing
 
-The step (issue 7 item 1) is the one pipelines.train_loop runs, on an image-text pair batch
+The step (issue 7 item 1) is the one pipelines.pretrain.loop runs, on an image-text pair batch
 (197 image + 64 text tokens at base): masked captions (50%) and block-masked images (40%),
 PretrainTask's MLM and MIM heads at masked positions, cross-entropy, backward, grad clip,
 AdamW; bf16 autocast on GPU. torchscale's BEiT3 runs behind the very same PretrainTask
@@ -27,8 +27,20 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import (Trainer, device_name, first_samples, fmt_bytes, interleaved, matmul_peak, median,
-                               pair_batch, pick_device, pretrain_task, print_table, train_flops)
+from benchmarks.common import (
+    Trainer,
+    device_name,
+    first_samples,
+    fmt_bytes,
+    interleaved,
+    matmul_peak,
+    median,
+    pair_batch,
+    pick_device,
+    pretrain_task,
+    print_table,
+    train_flops,
+)
 from model.beit3 import BEiT3
 from model.checkpoint import export_official_beit3
 from model.config import beit3_preset
@@ -105,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved timing rounds")
     p.add_argument("--warmup", type=int, help="untimed steps per model first (compilation happens here)")
     p.add_argument("--compile", choices=("off", "static", "dynamic"), default="off",
-                   help="torch.compile each of our layers (dynamic: as pipelines.train_loop does)")
+                   help="torch.compile each of our layers (dynamic: as pipelines.pretrain.loop does)")
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing in our model")
     p.add_argument("--no-padding", action="store_true", help="every caption fills --text-len (no padding mask)")
     p.add_argument("--no-torchscale", action="store_true", help="time ours only")

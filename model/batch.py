@@ -81,7 +81,7 @@ class PairPart(_Part):
                f"pair: {self.pixels.shape[0]} images but {self.ids.shape[0]} captions")
 
 
-PART_NAMES = ("text", "image", "pair")
+MODALITIES = ("text", "image", "pair")
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,12 @@ class MixedBatch:
     pair: PairPart | None = None
 
     def __post_init__(self):
-        _check(any(getattr(self, name) is not None for name in PART_NAMES), "MixedBatch needs at least one part")
+        _check(any(getattr(self, name) is not None for name in MODALITIES), "MixedBatch needs at least one part")
 
     @property
     def parts(self) -> dict[str, TextPart | ImagePart | PairPart]:
         """The parts present, in the fixed order text, image, pair."""
-        return {name: getattr(self, name) for name in PART_NAMES if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in MODALITIES if getattr(self, name) is not None}
 
     @property
     def num_samples(self) -> int:
@@ -147,11 +147,11 @@ def collate_rows(rows: Iterable[Mapping], pad_id: int) -> MixedBatch:
     is padded to the longest sequence of its part with pad_id. Unknown modalities and missing
     fields raise ValueError naming the row id.
     """
-    groups: dict[str, list[Mapping]] = {name: [] for name in PART_NAMES}
+    groups: dict[str, list[Mapping]] = {name: [] for name in MODALITIES}
     for row in rows:
         modality = row.get("modality")
         if modality not in groups:
-            raise ValueError(f"row {row.get('id')!r}: unknown modality {modality!r}, expected one of {PART_NAMES}")
+            raise ValueError(f"row {row.get('id')!r}: unknown modality {modality!r}, expected one of {MODALITIES}")
         groups[modality].append(row)
     parts: dict[str, _Part] = {}
     if groups["text"]:

@@ -42,11 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.configs import check, to_dict
-from pipelines.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session, spread_task
-from pipelines.schema import MODALITIES, SHARD_SCHEMA, check_schema
-from pipelines.tokenize import TOKENIZERS
+from pipelines.common import storage
+from pipelines.common.configs import check, to_dict
+from pipelines.common.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session, spread_task
+from pipelines.common.schema import MODALITIES, SHARD_SCHEMA, TOKENIZERS, check_schema
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 import yaml
 
 from pipelines.clean import CleanConfig
-from pipelines.configs import ParamsError, build, check
+from pipelines.clean.sources import SourceConfig
+from pipelines.common.configs import ParamsError, build, check
+from pipelines.common.ray_session import RayConfig
 from pipelines.demo_data import DemoDataConfig
 from pipelines.evaluate import EvaluateConfig
 from pipelines.pack import PackConfig
 from pipelines.pretrain import PretrainConfig
-from pipelines.ray_session import RayConfig
 from pipelines.report import ReportConfig
-from pipelines.sources import SourceConfig
 from pipelines.text_tokenizer import TextTokenizerConfig
 from pipelines.tokenize import TokenizeConfig
 from pipelines.visual_tokenizer import VisualTokenizerConfig

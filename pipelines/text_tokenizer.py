@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from model.text_tokenizer import MASK_PIECE, MODEL_FILE, TextTokenizer
-from pipelines import storage
-from pipelines.configs import check
-from pipelines.ray_session import RayConfig, ray_session
+from pipelines.common import storage
+from pipelines.common.configs import check
+from pipelines.common.ray_session import RayConfig, ray_session
 
 VOCAB_FILE = "spm.vocab"
 INFO_FILE = "tokenizer.json"

@@ -18,7 +18,7 @@ part per call, in batches of ``batch_size`` images.
   at the default strategy the encode cost more than decode + VQ-KD together.
 
 Tokenizers: the driver reads both tokenizers' files once through
-pipelines.storage (local or s3://) and hands the bytes to the actors through
+pipelines.common.storage (local or s3://) and hands the bytes to the actors through
 Ray's object store, so actors on other machines need no access to its paths.
 
 Resume: a part is done when its output file exists (written atomically) and
@@ -41,12 +41,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from model.text_tokenizer import MODEL_FILE, TextTokenizer
-from pipelines import storage
-from pipelines.configs import check, to_dict
-from pipelines.ray_session import RayConfig, ray_session
-from pipelines.schema import MODALITIES, shard_table
+from pipelines.common import storage
+from pipelines.common.configs import check, to_dict
+from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.common.schema import MODALITIES, TOKENIZERS, shard_table
 
-TOKENIZERS = "tokenizers.json"
 METADATA_KEY = b"beit3.tokenize"
 STAT_KEYS = ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts", "truncated_captions", "images")
 VISUAL_FILES = ("config.json", "model.safetensors")
@@ -110,7 +109,7 @@ def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str
 
 
 def read_tokenizer_files(text_tokenizer_dir: str, visual_tokenizer_dir: str) -> dict:
-    """{"text": spm.model bytes, "visual": {file name: bytes}}, read through pipelines.storage."""
+    """{"text": spm.model bytes, "visual": {file name: bytes}}, read through pipelines.common.storage."""
     return {"text": storage.read_bytes(storage.join(text_tokenizer_dir, MODEL_FILE)),
             "visual": {name: storage.read_bytes(storage.join(visual_tokenizer_dir, name)) for name in VISUAL_FILES}}
 
@@ -214,8 +213,8 @@ class PartTokenizer:
         import torch
         from PIL import Image
 
-        from model.vqkd import VQKD
         from model.images import preprocess
+        from model.vqkd import VQKD
 
         if self.vqkd is None:
             self.vqkd = VQKD.deserialize(self.visual_files, source="visual tokenizer bytes").to(self.device)

@@ -26,9 +26,9 @@ from typing import Iterator, Literal
 
 import torch
 
-from pipelines import storage
-from pipelines.configs import check
-from pipelines.ray_session import RayConfig, ray_session
+from pipelines.common import storage
+from pipelines.common.configs import check
+from pipelines.common.ray_session import RayConfig, ray_session
 
 HISTORY_FILE = "history.json"
 
@@ -40,7 +40,7 @@ class VisualTokenizerConfig:
     pretrained: str | None = None          # official BEiT v2 vqkd .pth: load it, skip training
     image_size: int = 96                   # tokenizer input size (official: 224)
     teacher: Literal["hog", "vit"] = "hog"
-    teacher_checkpoint: str | None = None  # teacher: vit -> local file (model/teachers.py formats)
+    teacher_checkpoint: str | None = None  # teacher: vit -> local file (model/vqkd/teachers.py formats)
     teacher_input_size: int | None = None  # a TorchScript teacher's image size
     steps: int = 600
     batch_size: int = 64
@@ -95,7 +95,7 @@ def image_parts(clean_dir: str) -> list[str]:
 
 def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict, list, dict]:
     """Ray task: read images, train or load, evaluate -> (files, history, metrics)."""
-    from model.vqkd_train import VQKDTrainConfig, precompute_targets, train_vqkd
+    from model.vqkd.train import VQKDTrainConfig, precompute_targets, train_vqkd
 
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)  # the model's initial weights: same params, same tokenizer
@@ -145,8 +145,8 @@ def _progress(steps: int, every: int = 50):
 
 def _model_and_teacher(cfg: VisualTokenizerConfig):
     """(official VQKD, None) with ``pretrained``; else (fresh preset VQKD sized to the teacher, teacher)."""
-    from model.teachers import build_teacher
     from model.vqkd import VQKD, vqkd_preset
+    from model.vqkd.teachers import build_teacher
 
     if cfg.pretrained:
         source = (io.BytesIO(storage.read_bytes(cfg.pretrained)) if storage.is_uri(cfg.pretrained)
@@ -208,7 +208,7 @@ def shuffled_batches(images: torch.Tensor, batch_size: int, seed: int, targets=N
 
 def evaluate_codes(model, holdout: torch.Tensor, cfg: VisualTokenizerConfig) -> dict:
     """Codebook use on held-out images, plus the code-histogram probe when labels exist."""
-    from model.vqkd_train import code_usage
+    from model.vqkd.train import code_usage
 
     codes = _codes(model, holdout)
     usage = code_usage(codes, model.config.n_codes)
@@ -226,10 +226,9 @@ def probe_codes(model, probe_dir: str, seed: int) -> dict:
     from PIL import Image
 
     from model.images import preprocess
-    from model.vqkd_train import code_histograms
-    from pipelines.eval_data import read_image_folder
-    from pipelines.eval_probe import linear_probe
-    from pipelines.evaluate import ProbeConfig
+    from model.vqkd.train import code_histograms
+    from pipelines.common.eval_data import read_image_folder
+    from pipelines.common.linear_probe import linear_probe
 
     def features(paths):
         xs = []
@@ -242,7 +241,7 @@ def probe_codes(model, probe_dir: str, seed: int) -> dict:
     val_paths, val_y, _ = read_image_folder(probe_dir, "val", classes)
     train_y, val_y = torch.tensor(train_y), torch.tensor(val_y)
     result = linear_probe(features(train_paths), train_y, features(val_paths), val_y, len(classes),
-                          ProbeConfig(steps=300, lr=0.01, weight_decay=1e-4), seed)
+                          steps=300, lr=0.01, weight_decay=1e-4, seed=seed)
     chance = float(torch.bincount(val_y).max()) / len(val_y)  # majority-class rate
     return {"probe_accuracy": result["top1"], "probe_train_accuracy": result["train_top1"],
             "probe_chance": round(chance, 4), "probe_classes": classes,

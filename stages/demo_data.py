@@ -1,6 +1,6 @@
 """dvc stage `demo_data`: load params once, run pipelines.demo_data, write metrics/demo_data.json."""
+from pipelines.common.metrics import write_metrics
 from pipelines.demo_data import generate_demo_data
-from pipelines.metrics import write_metrics
 from pipelines.params import load_params
 
 

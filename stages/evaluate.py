@@ -1,6 +1,6 @@
 """dvc stage `evaluate`: load params once, run pipelines.evaluate, write metrics/evaluate.json."""
+from pipelines.common.metrics import write_metrics
 from pipelines.evaluate import evaluate_model
-from pipelines.metrics import write_metrics
 from pipelines.params import load_params
 
 

@@ -1,11 +1,11 @@
 """dvc stage `pack`: load params once, run pipelines.pack, write metrics/pack.json."""
-from pipelines.metrics import write_metrics
+from pipelines.common.metrics import write_metrics
+from pipelines.common.remote_outputs import track_output
 from pipelines.pack import pack_shards
 from pipelines.params import load_params
-from pipelines.remote_outputs import track_output
 
 # This stage's DVC out (dvc.yaml). With an s3:// out_dir it holds remote.json, the
-# manifest of the objects written there (pipelines/remote_outputs.py).
+# manifest of the objects written there (pipelines/common/remote_outputs.py).
 TRACKED = "data/shards"
 
 

@@ -1,5 +1,5 @@
 """dvc stage `pretrain`: load params once, run pipelines.pretrain, write metrics/pretrain.json."""
-from pipelines.metrics import write_metrics
+from pipelines.common.metrics import write_metrics
 from pipelines.params import load_params
 from pipelines.pretrain import run_pretraining
 

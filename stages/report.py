@@ -1,5 +1,5 @@
 """dvc stage `report`: load params once, run pipelines.report, write metrics/report.json."""
-from pipelines.metrics import write_metrics
+from pipelines.common.metrics import write_metrics
 from pipelines.params import load_params
 from pipelines.report import render_report
 

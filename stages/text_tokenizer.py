@@ -1,5 +1,5 @@
 """dvc stage `text_tokenizer`: load params once, run pipelines.text_tokenizer, write metrics/text_tokenizer.json."""
-from pipelines.metrics import write_metrics
+from pipelines.common.metrics import write_metrics
 from pipelines.params import load_params
 from pipelines.text_tokenizer import train_text_tokenizer
 

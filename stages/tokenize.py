@@ -1,11 +1,11 @@
 """dvc stage `tokenize`: load params once, run pipelines.tokenize, write metrics/tokenize.json."""
-from pipelines.metrics import write_metrics
+from pipelines.common.metrics import write_metrics
+from pipelines.common.remote_outputs import track_output
 from pipelines.params import load_params
-from pipelines.remote_outputs import track_output
 from pipelines.tokenize import tokenize_corpus
 
 # This stage's DVC out (dvc.yaml). With an s3:// out_dir it holds remote.json, the
-# manifest of the objects written there (pipelines/remote_outputs.py).
+# manifest of the objects written there (pipelines/common/remote_outputs.py).
 TRACKED = "data/tokenized"
 
 

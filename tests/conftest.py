@@ -20,7 +20,7 @@ def ray_local():
     """One real local Ray instance for the whole test session (4 logical CPUs)."""
     import ray
 
-    from pipelines.ray_session import RayConfig, ray_session
+    from pipelines.common.ray_session import RayConfig, ray_session
 
     if ray.is_initialized():
         yield ray

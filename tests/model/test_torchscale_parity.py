@@ -7,7 +7,6 @@ its fairscale/timm imports are served by tests/model/torchscale_shims.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -9,12 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.teachers import FrozenViTTeacher, HOGTeacher, build_teacher
 from model.vqkd import VQKD, vqkd_preset
-from model.vqkd_vit import ViT
-from model.vqkd_train import (VQKDTrainConfig, code_histograms, code_usage, ema_update,
-                              init_codebook, kmeans_cosine, precompute_targets, restart_dead_codes,
-                              train_vqkd)
+from model.vqkd.teachers import FrozenViTTeacher, HOGTeacher, build_teacher
+from model.vqkd.train import (
+    VQKDTrainConfig,
+    code_histograms,
+    code_usage,
+    ema_update,
+    init_codebook,
+    kmeans_cosine,
+    precompute_targets,
+    restart_dead_codes,
+    train_vqkd,
+)
+from model.vqkd.vit import ViT
 
 torch.set_num_threads(1)  # a second thread stalls badly on shared cores; these runs are small
 
@@ -195,8 +203,8 @@ def test_vit_teacher_from_a_whole_network_trains(tmp_path, fmt):
 
 
 def demo_scenes(n: int, seed: int, num_objects=None):
-    from pipelines.demo_data import render_scene
     from model.images import preprocess
+    from pipelines.demo_data import render_scene
 
     rng = random.Random(seed)
     xs, shapes = [], []
@@ -213,8 +221,7 @@ def test_tiny_hog_tokenizer_learns_a_used_codebook_that_carries_shape():
     """The demo recipe, shortened (200 of 600 steps at half the batch): >= half the
     codebook used on held-out scenes, and a linear probe on per-image code histograms
     far above chance on the shape of single-object scenes (the demo's probe set)."""
-    from pipelines.eval_probe import linear_probe
-    from pipelines.evaluate import ProbeConfig
+    from pipelines.common.linear_probe import linear_probe
 
     train_x, _ = demo_scenes(1200, seed=0)
     hold_x, _ = demo_scenes(300, seed=1)
@@ -237,7 +244,7 @@ def test_tiny_hog_tokenizer_learns_a_used_codebook_that_carries_shape():
     print(f"trained 200 steps in {time.perf_counter() - start:.0f} s")
     usage = code_usage(model.codes(hold_x), model.config.n_codes)
     hist = code_histograms(model.codes(probe_x), model.config.n_codes)
-    probe = linear_probe(hist[:1000], probe_y[:1000], hist[1000:], probe_y[1000:], 3, ProbeConfig(), seed=0)
+    probe = linear_probe(hist[:1000], probe_y[:1000], hist[1000:], probe_y[1000:], 3, steps=300, lr=0.01, weight_decay=1e-4, seed=0)
     chance = float(torch.bincount(probe_y[1000:]).max()) / 500
     print(f"held-out utilisation {usage['utilisation']:.3f}, perplexity {usage['perplexity']:.0f}, "
           f"probe {probe['top1']:.3f} (chance {chance:.3f}), final loss {logs[-1]['rec_loss']:.3f}")

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from model.text_tokenizer import TextTokenizer
-from pipelines import storage
+from pipelines.common import storage
+from pipelines.common.schema import MODALITIES, shard_table
 from pipelines.demo_data import render_scene
-from pipelines.schema import MODALITIES, shard_table
 from pipelines.text_tokenizer import TextTokenizerConfig, train_model, write_tokenizer
 
 IMAGE_SIZE = 32
@@ -156,7 +156,7 @@ def tiny_corpus(tmp_path_factory) -> dict:
 
 def tiny_job(paths: dict, root: str, **overrides) -> dict:
     """The driver's job dict for an in-process PretrainLoop (no Ray)."""
-    from pipelines.configs import build
+    from pipelines.common.configs import build
     from pipelines.pretrain import PretrainConfig, make_job
 
     cfg = build(PretrainConfig, tiny_pretrain_params(root, **overrides), "pretrain")
@@ -169,7 +169,7 @@ def train_in_process(job: dict, resume_dir: str | None = None, keep_dir: str | N
 
     import torch
 
-    from pipelines.train_loop import PretrainLoop
+    from pipelines.pretrain.loop import PretrainLoop
 
     saved = {}
 
@@ -192,7 +192,7 @@ def distributed_worker(rank: int, world_size: int, port: int, job: dict, resume_
     import torch
     import torch.distributed as dist
 
-    from pipelines.train_loop import PretrainLoop
+    from pipelines.pretrain.loop import PretrainLoop
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 
-from pipelines import storage
-from pipelines.train_loop import csv_text
+from pipelines.common import storage
+from pipelines.common.train_csv import csv_text
 from tests.pipelines.pretrain_fixtures import make_corpus
 
 CLEAN_METRICS = {
@@ -71,10 +71,10 @@ def _train_and_evaluate(root: str, corpus: dict, paths: dict) -> None:
     """A real 12-step pretraining run (curves, summary, exported model) and its evaluation."""
     import torch
 
-    from pipelines.configs import build
+    from pipelines.common.configs import build
+    from pipelines.common.task_files import export_from_checkpoint
     from pipelines.evaluate import EvaluateConfig, run_evaluation
     from pipelines.pretrain import summary
-    from pipelines.pretrain_model import export_from_checkpoint
     from tests.pipelines.pretrain_fixtures import tiny_job, train_in_process
 
     torch.set_num_threads(1)

@@ -12,18 +12,18 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from pipelines import storage
 from pipelines.clean import OUTPUT_SCHEMAS, CleanConfig, clean_sources
-from pipelines.configs import ParamsError, build
-from pipelines.dedup import PhashIndex, find_duplicates
-from pipelines.image_filters import IMAGE_STEPS, ImageFilterConfig
-from pipelines.ray_session import RayConfig
-from pipelines.rejects import Reject, run_steps
-from pipelines.sources import SourceConfig
-from pipelines.text_filters import TEXT_STEPS, TextFilterConfig, minhash, normalize
+from pipelines.clean.image_filters import IMAGE_STEPS, ImageFilterConfig
+from pipelines.clean.rejects import Reject, run_steps
+from pipelines.clean.sources import SourceConfig
+from pipelines.clean.text_filters import TEXT_STEPS, TextFilterConfig, minhash, normalize
+from pipelines.common import storage
+from pipelines.common.configs import ParamsError, build
+from pipelines.common.ray_session import RayConfig
 from tests.conftest import PROJECT_ROOT
-from tests.project import copy_project, run, update_params
+from tests.pipelines.dedup_reference import PhashIndex, find_duplicates
 from tests.pipelines.test_sources import write_lines, write_tar
+from tests.project import copy_project, run, update_params
 
 TEXT = TextFilterConfig()
 RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)

@@ -1,4 +1,4 @@
-"""Sharded dedup (pipelines.dedup_shards) gives exactly the in-memory reference's result;
+"""Sharded dedup (pipelines.clean.dedup_shards) gives exactly the in-memory reference's result;
 clean's output parts respect their row and byte bounds and do not depend on batching."""
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
 from pipelines.clean import CleanConfig
-from pipelines.clean_parts import PartWriter, row_sizes
-from pipelines.clean_rows import ROW_SCHEMA, row_order
-from pipelines.configs import ParamsError, build
-from pipelines.dedup import NearRules, find_duplicates
-from pipelines.dedup_shards import dedup_shard, resolve
-from pipelines.rejects import content_id
-from pipelines.text_filters import minhash, text_id
+from pipelines.clean.dedup import NearRules
+from pipelines.clean.dedup_shards import dedup_shard, resolve
+from pipelines.clean.parts import PartWriter, row_sizes
+from pipelines.clean.rejects import content_id
+from pipelines.clean.rows import ROW_SCHEMA, row_order
+from pipelines.clean.text_filters import minhash, text_id
+from pipelines.common import storage
+from pipelines.common.configs import ParamsError, build
+from tests.pipelines.dedup_reference import find_duplicates
 
 RULES = dict(threshold=0.9, num_perm=128, max_distance=4, max_color_diff=10)
 

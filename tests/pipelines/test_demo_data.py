@@ -14,12 +14,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines.configs import ParamsError, build
+from pipelines.common.configs import ParamsError, build
 from pipelines.demo_data import (
-    MANIFEST, DemoDataConfig, _Scenes, generate_demo_data, render_scene, stream,
+    MANIFEST,
+    DemoDataConfig,
+    _Scenes,
+    generate_demo_data,
+    render_scene,
+    stream,
 )
-from pipelines.demo_scenes import COLORS, RELATIONS, SHAPES, SIZES, object_phrase
-from pipelines.demo_text import stdlib_docs
+from pipelines.demo_data.scenes import COLORS, RELATIONS, SHAPES, SIZES, object_phrase
+from pipelines.demo_data.text import stdlib_docs
 from tests.project import PROJECT_ROOT, files_under, run
 
 TINY = dict(image_size=32, num_pairs=7, pairs_per_tar=3, num_images=5, max_text_docs=50,

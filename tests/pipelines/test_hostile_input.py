@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.clean import CleanConfig, clean_sources
-from pipelines.ray_session import RayConfig
-from pipelines.sources import SourceConfig
+from pipelines.clean.sources import SourceConfig
+from pipelines.common.ray_session import RayConfig
 from tests.pipelines.test_clean import read_kind
 from tests.pipelines.test_sources import write_tar
 

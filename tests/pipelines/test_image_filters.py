@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pipelines.image_filters import IMAGE_STEPS, ImageFilterConfig, phash64, strip_metadata
-from pipelines.rejects import run_steps
+from pipelines.clean.image_filters import IMAGE_STEPS, ImageFilterConfig, phash64, strip_metadata
+from pipelines.clean.rejects import run_steps
 
 KEEP, REENCODE = ImageFilterConfig(), ImageFilterConfig(keep_original=False)
 

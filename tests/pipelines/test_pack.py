@@ -13,10 +13,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
+from pipelines.common import storage
+from pipelines.common.ray_session import RayConfig
+from pipelines.common.schema import SHARD_SCHEMA, shard_table
 from pipelines.pack import PackConfig, pack_shards
-from pipelines.ray_session import RayConfig
-from pipelines.schema import SHARD_SCHEMA, shard_table
 from tests.pipelines.test_text_tokenizer import png
 from tests.project import PROJECT_ROOT, project_env
 
@@ -165,7 +165,7 @@ def test_sigkill_then_rerun_gives_the_same_shards(ray_local, tokenized, tmp_path
     cfg = dict(shard_rows=3, val_fraction=0.2, in_memory_mb=0.0)  # the spill path: a visible scatter phase
     pack_shards(PackConfig(out_dir=str(tmp_path / "reference"), **cfg), tokenized, RAY)
     out = tmp_path / "killed"
-    code = (f"from pipelines.pack import PackConfig, pack_shards; from pipelines.ray_session import RayConfig; "
+    code = (f"from pipelines.pack import PackConfig, pack_shards; from pipelines.common.ray_session import RayConfig; "
             f"pack_shards(PackConfig(out_dir={str(out)!r}, **{cfg!r}), {tokenized!r}, RayConfig(num_cpus=4))")
     spill, train = out / ".spill", out / "train"
     ready = {"scatter": lambda: spill.exists() and any(spill.iterdir()),
@@ -179,7 +179,7 @@ def test_sigkill_then_rerun_gives_the_same_shards(ray_local, tokenized, tmp_path
 
 
 def test_config_values_are_checked():
-    from pipelines.configs import ParamsError, build
+    from pipelines.common.configs import ParamsError, build
 
     with pytest.raises(ParamsError, match="pack.shard_rows"):
         build(PackConfig, {"shard_rows": 0}, "pack")

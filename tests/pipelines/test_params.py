@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from pipelines.configs import ParamsError, build
+from pipelines.common.configs import ParamsError, build
 from pipelines.params import Params, load_params
 from tests.project import PROJECT_ROOT
 

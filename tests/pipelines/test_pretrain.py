@@ -14,13 +14,18 @@ import torch
 import yaml
 
 from model.safe_load import UnsafeCheckpointError
-from pipelines.configs import ParamsError, build
+from pipelines.common.configs import ParamsError, build
+from pipelines.common.ray_session import RayConfig
+from pipelines.common.shards import ShardIndex
+from pipelines.common.train_csv import read_csv
 from pipelines.pretrain import PretrainConfig, run_pretraining
-from pipelines.pretrain_data import MixedStream, ModalityOrder, ShardIndex, worker_positions
-from pipelines.ray_session import RayConfig
-from pipelines.train_loop import lr_at, read_csv
+from pipelines.pretrain.data import MixedStream, ModalityOrder, worker_positions
+from pipelines.pretrain.loop import lr_at
 from tests.pipelines.pretrain_fixtures import (  # noqa: F401  (tiny_corpus is a fixture)
-    tiny_corpus, tiny_job, tiny_pretrain_params, train_in_process,
+    tiny_corpus,
+    tiny_job,
+    tiny_pretrain_params,
+    train_in_process,
 )
 from tests.project import PROJECT_ROOT, project_env
 
@@ -55,7 +60,7 @@ def test_workers_split_the_global_batch_exactly():
 
 
 def test_two_streams_see_the_rows_of_one(tiny_corpus):
-    from pipelines.pretrain_data import split_index
+    from pipelines.common.shards import split_index
 
     index = split_index(tiny_corpus["shards"], "train")
     batch = {"text": 4, "image": 2, "pair": 6}
@@ -69,7 +74,7 @@ def test_two_streams_see_the_rows_of_one(tiny_corpus):
 
 
 def test_masks_do_not_depend_on_the_worker_count(tiny_corpus, tmp_path):
-    from pipelines.train_loop import PretrainLoop
+    from pipelines.pretrain.loop import PretrainLoop
 
     job = tiny_job(tiny_corpus, str(tmp_path), batch={"text": 4, "image": 4, "pair": 4})
 
@@ -94,8 +99,8 @@ def test_masks_do_not_depend_on_the_worker_count(tiny_corpus, tmp_path):
 
 
 def test_text_chunks_keep_the_loss_and_gradients_of_one_block(tiny_corpus, tmp_path):
-    from pipelines.pretrain_data import split_text_part
-    from pipelines.train_loop import PretrainLoop, StepModule
+    from pipelines.pretrain.data import split_text_part
+    from pipelines.pretrain.loop import PretrainLoop, StepModule
 
     loop = PretrainLoop(tiny_job(tiny_corpus, str(tmp_path), batch={"text": 8, "image": 4, "pair": 4}),
                         0, 1, torch.device("cpu"), None, None)

@@ -1,4 +1,4 @@
-"""pipelines.ray_session: where the stages' Ray work runs, and how its progress reads in logs."""
+"""pipelines.common.ray_session: where the stages' Ray work runs, and how its progress reads in logs."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pipelines.configs import ParamsError
-from pipelines.ray_session import RayConfig, bounded_tasks, cluster_address, spread_task
+from pipelines.common.configs import ParamsError
+from pipelines.common.ray_session import RayConfig, bounded_tasks, cluster_address, spread_task
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +35,7 @@ def test_progress_interval_is_checked():
 def _driver(body: str) -> str:
     return textwrap.dedent("""
         import json, os, sys, time
-        from pipelines.ray_session import RayConfig, ray_session
+        from pipelines.common.ray_session import RayConfig, ray_session
     """) + textwrap.dedent(body)
 
 

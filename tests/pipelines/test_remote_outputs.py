@@ -1,11 +1,11 @@
-"""pipelines.remote_outputs: content-addressed manifests of stage outputs on object storage."""
+"""pipelines.common.remote_outputs: content-addressed manifests of stage outputs on object storage."""
 import json
 import os
 import uuid
 
 import pytest
 
-from pipelines import remote_outputs, storage
+from pipelines.common import remote_outputs, storage
 
 
 def _write_output(base: str, files: dict[str, bytes]) -> None:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from model.masking import num_to_mask
 from model.task import MaskingConfig
-from pipelines import storage
+from pipelines.common import storage
 from pipelines.report import ReportConfig, masked_views, render_report
 from tests.pipelines.report_fixtures import write_report_inputs
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import storage
-from pipelines.sources import ReadLimits, SourceConfig, escapes, iter_lines, plan_units, read_unit
-from pipelines.configs import ParamsError, build
+from pipelines.clean.sources import ReadLimits, SourceConfig, escapes, iter_lines, plan_units, read_unit
+from pipelines.common import storage
+from pipelines.common.configs import ParamsError, build
 
 LIMITS = ReadLimits(max_file_bytes=1 << 20, max_line_bytes=1000)
 

@@ -1,10 +1,10 @@
-"""pipelines.storage against the local disk and a real S3-compatible server."""
+"""pipelines.common.storage against the local disk and a real S3-compatible server."""
 import os
 
 import pyarrow as pa
 import pytest
 
-from pipelines import storage
+from pipelines.common import storage
 
 
 def _roundtrip(base: str):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from model.text_tokenizer import TextTokenizer
-from pipelines.ray_session import RayConfig
+from pipelines.common.ray_session import RayConfig
 from pipelines.text_tokenizer import TextTokenizerConfig, split_long_text, train_text_tokenizer
 from tests.model.test_text_tokenizer import corpus
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from model.text_tokenizer import TextTokenizer
 from model.vqkd import VQKD, vqkd_preset
-from pipelines.ray_session import RayConfig
-from pipelines.schema import SHARD_SCHEMA
+from pipelines.common.ray_session import RayConfig
+from pipelines.common.schema import SHARD_SCHEMA
 from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
 from pipelines.tokenize import TokenizeConfig, tokenize_corpus
 from tests.model.test_text_tokenizer import corpus
@@ -135,7 +135,7 @@ def test_sigkill_mid_run_then_rerun_resumes(inputs, tmp_path):
     run(inputs, tmp_path / "reference")
     out = tmp_path / "killed"
     code = ("from pipelines.tokenize import TokenizeConfig, tokenize_corpus; "
-            "from pipelines.ray_session import RayConfig; "
+            "from pipelines.common.ray_session import RayConfig; "
             f"tokenize_corpus(TokenizeConfig(out_dir={str(out)!r}, batch_size=4, num_actors=1), "
             f"{inputs['clean']!r}, {inputs['text']!r}, {inputs['visual']!r}, RayConfig(num_cpus=4))")
     assert kill_when(code, lambda: out.exists() and any(out.rglob("*.parquet"))), "finished before the kill"
@@ -148,9 +148,9 @@ def test_sigkill_mid_run_then_rerun_resumes(inputs, tmp_path):
 
 @pytest.mark.slow
 def test_tokenizers_read_from_s3_give_the_same_parts(inputs, s3_env, tmp_path):
-    """The driver reads both tokenizers through pipelines.storage and hands the actors their
+    """The driver reads both tokenizers through pipelines.common.storage and hands the actors their
     bytes: tokenizers on S3 (not visible to the actors' file systems) give identical parts."""
-    from pipelines import storage
+    from pipelines.common import storage
 
     remote = f"s3://beit3/tokenize-{os.getpid()}"
     for name in ("text", "visual"):

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from model.vqkd import VQKD
-from pipelines.configs import ParamsError, build
+from pipelines.common.configs import ParamsError, build
+from pipelines.common.ray_session import RayConfig
 from pipelines.demo_data import render_scene
-from pipelines.ray_session import RayConfig
-from pipelines.visual_tokenizer import (HISTORY_FILE, VisualTokenizerConfig, read_images,
-                                        train_visual_tokenizer)
+from pipelines.visual_tokenizer import HISTORY_FILE, VisualTokenizerConfig, read_images, train_visual_tokenizer
 from tests.model.test_vqkd import images, save_official, small_model
 
 RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)

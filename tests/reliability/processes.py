@@ -21,7 +21,7 @@ from tests.project import project_env
 # the kill then lands at an exact point of the output phase. argv: stage, N, marker.
 PAUSE_AFTER_WRITE = """
 import runpy, sys, time
-from pipelines import storage
+from pipelines.common import storage
 stage, pause_after, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 real_write_bytes, count = storage.write_bytes, 0
 def write_bytes(path, data):

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from pipelines import storage
+from pipelines.common import storage
 from tests.project import files_under, run
 from tests.reliability.conftest import project_with_inputs
 from tests.reliability.processes import kill, log_tail, start_stage, wait_for

@@ -16,9 +16,9 @@ import time
 import ray
 
 from pipelines.clean import CleanConfig, clean_sources
+from pipelines.clean.sources import SourceConfig
+from pipelines.common.ray_session import RayConfig, ray_session
 from pipelines.pack import PackConfig, pack_shards
-from pipelines.ray_session import RayConfig, ray_session
-from pipelines.sources import SourceConfig
 from pipelines.text_tokenizer import TextTokenizerConfig, train_text_tokenizer
 from pipelines.tokenize import TokenizeConfig, tokenize_corpus
 from pipelines.visual_tokenizer import VisualTokenizerConfig, train_visual_tokenizer

@@ -5,7 +5,7 @@ import os
 
 import yaml
 
-from pipelines import storage
+from pipelines.common import storage
 from tests.project import run, update_params
 
 # (source name, kind, format, folder under data/demo)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from pipelines import storage
+from pipelines.common import storage
 from pipelines.demo_data import DemoDataConfig, generate_demo_data
 from tests.scale.ray_cluster import PROJECT_ROOT, ray_cluster
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import yaml
 
-from pipelines import storage
+from pipelines.common import storage
 from tests.project import DATA_STAGES, clone, run, stages_run
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Object storage: the data stages read sources from s3:// and write their outputs there;
-DVC versions each remote output through its local manifest (pipelines/remote_outputs.py).
+DVC versions each remote output through its local manifest (pipelines/common/remote_outputs.py).
 
 A real S3-compatible server (moto_server, the `s3_env` fixture) runs on loopback; the
 stages run with `dvc repro` in a throw-away copy of the project, as a user would, each
@@ -14,8 +14,8 @@ import uuid
 import pytest
 import yaml
 
-from pipelines import remote_outputs, storage
-from pipelines.schema import SHARD_SCHEMA
+from pipelines.common import remote_outputs, storage
+from pipelines.common.schema import SHARD_SCHEMA
 from tests.project import copy_project, run, stages_run, update_params
 from tests.scale.ray_cluster import ray_head
 from tests.scale.s3_sources import use_s3_sources

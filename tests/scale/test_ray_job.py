@@ -14,7 +14,7 @@ import uuid
 import pytest
 import yaml
 
-from pipelines import remote_outputs
+from pipelines.common import remote_outputs
 from tests.project import PROJECT_ROOT, copy_project, run
 from tests.scale.ray_cluster import ray_head
 from tests.scale.s3_sources import use_s3_sources

@@ -1,8 +1,8 @@
 """demo_data stage: generate the embedded demo corpus deterministically (no download).
 
 Everything comes from two generators that every machine has: rendered shape
-scenes (pipelines.demo_scenes) and the Python standard library's docstrings
-(pipelines.demo_text). The corpus is written in the formats users bring
+scenes (pipelines.demo_data.scenes) and the Python standard library's docstrings
+(pipelines.demo_data.text). The corpus is written in the formats users bring
 (docs/INTERFACES.md, "data/demo/"):
 
     text/docs-NNNNN.jsonl                     {"id", "text"} per line
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from pipelines import storage
-from pipelines.configs import check
-from pipelines.demo_scenes import SHAPES, render_scene
-from pipelines.demo_text import stdlib_docs
+from pipelines.common import storage
+from pipelines.common.configs import check
+from pipelines.demo_data.scenes import SHAPES, render_scene
+from pipelines.demo_data.text import stdlib_docs
 
 IMAGES_PER_FOLDER = 100
 MANIFEST = "manifest.json"

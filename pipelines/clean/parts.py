@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines.common import storage
 
 ROW_GROUP_BYTES = 8 * 2**20
 

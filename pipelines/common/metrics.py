@@ -1,7 +1,7 @@
 """Stage metrics: metrics/<stage>.json, written atomically."""
 from __future__ import annotations
 
-from pipelines import storage
+from pipelines.common import storage
 
 METRICS_DIR = "metrics"
 

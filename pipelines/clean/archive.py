@@ -11,8 +11,8 @@ import re
 import tarfile
 from typing import Iterator
 
-from pipelines import storage
-from pipelines.rejects import Reject
+from pipelines.clean.rejects import Reject
+from pipelines.common import storage
 
 DRAIN_BYTES = 1 << 20
 

@@ -2,9 +2,9 @@
 
 Everything random is a function of (seed, step, sample position), never of the
 worker count or of how the run was interrupted:
-- data order: pipelines.pretrain_data (the step fixes which samples come next);
+- data order: pipelines.pretrain.data (the step fixes which samples come next);
 - masks: text masks seeded by the sample's stream position, image masks drawn for the
-  whole global batch from (seed, step) and sliced (pretrain_data.step_masks), so one
+  whole global batch from (seed, step) and sliced (data.step_masks), so one
   worker and two workers mask the same sample the same way;
 - drop path: the global torch RNG, reseeded from (seed, step, rank) every step.
 So a run resumed from its checkpoint at step t repeats the uninterrupted run from t on.
@@ -12,10 +12,6 @@ So a run resumed from its checkpoint at step t repeats the uninterrupted run fro
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
-import math
 import os
 import shutil
 import sys
@@ -25,42 +21,19 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from model.safe_load import load_torch_checkpoint
+from model.optim import param_groups, warmup_cosine
 from model.task import PART_KEYS
-from pipelines import pretrain_model as pm
-from pipelines.pretrain_data import MixedStream, StepLoader, mix_seed, split_text_part
-
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "logit_scale")
-CSV_FIELDS = ["step", "loss", *[f"loss_{p}" for p in ("text_mlm", "image_mim", "pair_mlm", "pair_mim")],
-              *[f"acc_{p}" for p in ("text_mlm", "image_mim", "pair_mlm", "pair_mim")],
-              "lr", "grad_norm", "samples_per_s", "tokens_per_s", "elapsed_s"]
+from pipelines.common import task_files
+from pipelines.common.seeding import mix_seed
+from pipelines.pretrain.checkpoints import TrainingState, full_state, restore_checkpoint, write_checkpoint
+from pipelines.pretrain.data import MixedStream, StepLoader, split_text_part
+from pipelines.pretrain.wrapping import distributed, wrap_model
 
 
 def lr_at(step: int, cfg) -> float:
     """Linear warmup to cfg.peak_lr over warmup_steps, then cosine down to min_lr."""
-    peak, floor = cfg.peak_lr, min(cfg.min_lr, cfg.peak_lr)
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(task: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, norms, tokens and position tables (BEiT's rule)."""
-    decay, no_decay = [], []
-    for name, p in task.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.peak_lr, cfg.min_lr)
 
 
 class PretrainLoop:
@@ -76,10 +49,10 @@ class PretrainLoop:
                  report: Callable[[dict, str | None], None], resume_dir: str | None):
         self.cfg = cfg = job["cfg"]
         self.job, self.rank, self.world_size, self.device, self.report = job, rank, world_size, device, report
-        self.spec = pm.task_spec(cfg, job["text"], job["visual_vocab_size"])
+        self.spec = task_files.task_spec(cfg, job["text"], job["visual_vocab_size"])
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-        self.task = pm.build_task(self.spec).to(device)
-        self.model = self._wrap(StepModule(self.task))
+        self.task = task_files.build_task(self.spec).to(device)
+        self.model = wrap_model(StepModule(self.task), self.task.model.layers, cfg, device)
         self.optimizer = torch.optim.AdamW(param_groups(self.task, cfg.weight_decay), lr=cfg.peak_lr,
                                            betas=cfg.betas, eps=cfg.eps)
         self.step, self.history, self.samples, self.elapsed = 0, [], [], 0.0
@@ -89,46 +62,11 @@ class PretrainLoop:
         stream = MixedStream(job["index"], cfg.batch.as_dict(), cfg.seed, rank, world_size)
         self.loader = StepLoader(stream, self.task.masker, job["text"]["pad_id"], cfg.seed, cfg.log_samples)
 
-    # ------------------------------------------------------------------ setup
-    def _wrap(self, task: torch.nn.Module) -> torch.nn.Module:
-        cfg = self.cfg
-        if cfg.compile:
-            for layer in task.model.layers:
-                layer.compile(dynamic=True)
-        if not _distributed():
-            return task
-        if cfg.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            bf16 = cfg.bf16 and self.device.type == "cuda"
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                          reduce_dtype=torch.float32)
-            for layer in task.model.layers:
-                fully_shard(layer, mp_policy=policy)
-            return fully_shard(task, mp_policy=policy)
-        from torch.nn.parallel import DistributedDataParallel
-
-        # A modality with no samples leaves its experts/head without gradients.
-        unused = min(cfg.batch.as_dict().values()) == 0
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(task, device_ids=ids, find_unused_parameters=unused)
-
     def _restore(self, directory: str) -> None:
-        with open(os.path.join(directory, "state.json")) as f:
-            state = json.load(f)
-        if state["run_name"] != self.job["run_name"]:
-            raise ValueError(f"checkpoint {directory} belongs to run {state['run_name']}, "
-                             f"not {self.job['run_name']}")
-        optim = load_torch_checkpoint(os.path.join(directory, "optimizer.pt"))  # weights_only
-        set_state_dict(self.model, self.optimizer, model_state_dict=pm.load_task_state(directory),
-                       optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
-        self.step = self.resumed_from = int(state["step"])
-        self.elapsed = float(state["elapsed_s"])
-        self.history = [r for r in read_csv(os.path.join(directory, "metrics.csv")) if r["step"] <= self.step]
-        samples = os.path.join(directory, "samples.jsonl")
-        if os.path.exists(samples):
-            with open(samples) as f:
-                self.samples = [json.loads(line) for line in f]
+        training = restore_checkpoint(directory, self.job["run_name"], self.model, self.optimizer)
+        self.step = self.resumed_from = int(training.state["step"])
+        self.elapsed = float(training.state["elapsed_s"])
+        self.history, self.samples = training.history, training.samples
         if self.rank == 0:
             log(f"pretrain: resumed run {self.job['run_name']} at step {self.step}/{self.cfg.steps}")
 
@@ -185,14 +123,14 @@ class PretrainLoop:
                        sum(counts, zero)]
         values += [torch.tensor(float(tokens), device=self.device), torch.tensor(float(samples), device=self.device)]
         vector = torch.stack([v.float().reshape(()) for v in values])
-        if _distributed():
+        if distributed():
             dist.all_reduce(vector)
         vector = vector.tolist()
         parts = {key: vector[3 * i:3 * i + 3] for i, key in enumerate(PART_KEYS)}
         return {"parts": parts, "tokens": vector[-2], "samples": vector[-1]}
 
     def _gather(self, ids: list[str]) -> list[str]:
-        if not _distributed():
+        if not distributed():
             return ids
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, ids)
@@ -201,33 +139,21 @@ class PretrainLoop:
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
         """Every worker takes part (FSDP gathers full state); rank 0 writes the files."""
-        model_state, optim_state = get_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state, optim_state = full_state(self.model, self.optimizer)
         metrics = {k: v for k, v in self.history[-1].items() if v is not None}
         if self.rank != 0:
             self.report(metrics, None)
             return
-        directory = tempfile.mkdtemp(prefix="pretrain-ckpt-")
-        try:
-            self._write_checkpoint(directory, model_state, optim_state)
-            self.report(metrics, directory)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def _write_checkpoint(self, directory: str, model_state: dict, optim_state: dict) -> None:
-        pm.save_task_state(directory, model_state)
-        torch.save(optim_state, os.path.join(directory, "optimizer.pt"))
-        pm.write_task_spec(directory, self.spec)
-        with open(os.path.join(directory, "metrics.csv"), "w") as f:
-            f.write(csv_text(self.history))
-        if self.cfg.log_samples:
-            with open(os.path.join(directory, "samples.jsonl"), "w") as f:
-                f.writelines(json.dumps(s) + "\n" for s in self.samples)
         state = {"run_name": self.job["run_name"], "step": self.step, "steps": self.cfg.steps,
                  "elapsed_s": self.elapsed, "resumed_from_step": self.resumed_from,
                  "world_size": self.world_size}
-        with open(os.path.join(directory, "state.json"), "w") as f:  # last: marks a complete checkpoint
-            json.dump(state, f, indent=2)
+        directory = tempfile.mkdtemp(prefix="pretrain-ckpt-")
+        try:
+            write_checkpoint(directory, model_state, optim_state, self.spec,
+                             TrainingState(state, self.history, self.samples), self.cfg.log_samples)
+            self.report(metrics, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class StepModule(torch.nn.Module):
@@ -288,28 +214,6 @@ def log_line(row: dict, steps: int) -> str:
     return (f"pretrain step {int(row['step'])}/{steps} | loss {row['loss']:.4f} | loss/acc {parts} | "
             f"lr {row['lr']:.3g} | {row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:.0f} tokens/s | "
             f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-
-
-def read_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
-    return buf.getvalue()
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if float(v).is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return f"{v:.8g}"
 
 
 def train_worker(job: dict) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from model.safe_load import load_torch_checkpoint
 from model.vqkd import load_strict
-from model.vqkd_vit import ViT
+from model.vqkd.vit import ViT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

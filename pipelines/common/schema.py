@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MODALITIES = ("text", "image", "pair")
+from model.batch import MODALITIES
+
+# Written by tokenize beside its parts, read by pack: the tokenizers the codes came from.
+TOKENIZERS = "tokenizers.json"
 
 SHARD_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),            # content hash (hex), stable across runs

@@ -1,7 +1,7 @@
 """Text cleaning steps: decode, normalise, Gopher/C4-style quality and repetition filters.
 
 Each step is ``fn(value, cfg) -> value`` and raises :class:`Reject` to drop the
-row (see :func:`pipelines.rejects.run_steps`). Thresholds follow Gopher (Rae et
+row (see :func:`pipelines.clean.rejects.run_steps`). Thresholds follow Gopher (Rae et
 al. 2021, appendix A) and C4 where they suit; the defaults are relaxed where
 short technical prose (the demo's stdlib docstrings) would otherwise be lost:
 Gopher's 50-word minimum and 80% alphabetic-word floor drop most docstrings.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.configs import check
-from pipelines.rejects import Reject, content_id
+from pipelines.clean.rejects import Reject, content_id
+from pipelines.common.configs import check
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ Everything runs in one Ray task (one GPU with evaluate.use_gpu):
    and image MIM, with masks drawn from a fixed seed so every run scores the same positions;
 2. retrieval: a short contrastive fine-tune of the whole model with vision_head /
    language_head / logit_scale on the Karpathy train split, then R@1/5/10 both ways on
-   the test split (pipelines.eval_retrieval);
-3. linear probe on frozen image features of an ImageFolder (pipelines.eval_probe);
+   the test split (pipelines.evaluate.retrieval);
+3. linear probe on frozen image features of an ImageFolder (pipelines.evaluate.probe);
 (2) and (3) twice: for the pretrained backbone and for a randomly initialised one of the
 same shape with the same budget, data order and head initialisation.
 """
@@ -19,9 +19,9 @@ from typing import Literal
 
 import torch
 
-from pipelines.configs import check
-from pipelines.ray_session import RayConfig, ray_session
-from pipelines.schema import MODALITIES
+from pipelines.common.configs import check
+from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.common.schema import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class EvaluateConfig:
 def evaluate_model(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_tokenizer_dir: str,
                    ray_cfg: RayConfig) -> dict:
     """Run the whole evaluation in one Ray task; returns metrics/evaluate.json."""
-    from pipelines.pretrain_data import absolute
+    from pipelines.common.shards import absolute
 
     args = (cfg, absolute(model_dir), absolute(shards_dir), absolute(text_tokenizer_dir))
     with ray_session(ray_cfg) as ray:
@@ -95,8 +95,8 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
 def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_tokenizer_dir: str) -> dict:
     """The evaluation itself (in the Ray task; callable directly too)."""
     from model.text_tokenizer import TextTokenizer
-    from pipelines.pretrain_data import absolute
-    from pipelines.pretrain_model import load_exported_task, random_init_backbone
+    from pipelines.common.shards import absolute
+    from pipelines.common.task_files import load_exported_task, random_init_backbone
 
     started = time.time()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -138,7 +138,7 @@ def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
 def masked_prediction(task, cfg: EvaluateConfig, shards_dir: str, pad_id: int, device) -> dict:
     """Top-1 accuracy / loss of each masked-prediction part over the held-out shards."""
     from model.batch import collate_rows
-    from pipelines.pretrain_data import ShardRowReader, split_index
+    from pipelines.common.shards import ShardRowReader, split_index
 
     index = split_index(shards_dir, cfg.split)
     task.eval()
@@ -165,8 +165,8 @@ def masked_prediction(task, cfg: EvaluateConfig, shards_dir: str, pad_id: int, d
 
 
 def _retrieval_data(cfg: RetrievalConfig, tokenizer, image_size: int, absolute) -> dict:
-    from pipelines.eval_data import load_images, read_karpathy
-    from pipelines.eval_retrieval import RetrievalData
+    from pipelines.common.eval_data import load_images, read_karpathy
+    from pipelines.evaluate.retrieval import RetrievalData
 
     root = absolute(cfg.image_root) if cfg.image_root else None
     out = {}
@@ -182,7 +182,7 @@ def _retrieval_data(cfg: RetrievalConfig, tokenizer, image_size: int, absolute) 
 
 
 def _probe_data(cfg: ProbeConfig, image_size: int, absolute) -> dict:
-    from pipelines.eval_data import load_images, read_image_folder
+    from pipelines.common.eval_data import load_images, read_image_folder
 
     root = absolute(cfg.root)
     train_paths, train_y, classes = read_image_folder(root, cfg.train_split)
@@ -193,14 +193,16 @@ def _probe_data(cfg: ProbeConfig, image_size: int, absolute) -> dict:
 
 
 def _probe(backbone, data: dict, cfg: EvaluateConfig, device) -> dict:
-    from pipelines.eval_probe import image_features, linear_probe
+    from pipelines.common.linear_probe import linear_probe
+    from pipelines.evaluate.probe import image_features
 
     (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
     feats = [image_features(backbone, x, cfg.probe.pool, device) for x in (train_x, val_x)]
-    return linear_probe(feats[0], train_y, feats[1], val_y, len(data["classes"]), cfg.probe, cfg.seed)
+    return linear_probe(feats[0], train_y, feats[1], val_y, len(data["classes"]),
+                        steps=cfg.probe.steps, lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay, seed=cfg.seed)
 
 
 def _retrieval(backbone, data: dict, cfg: EvaluateConfig, pad_id: int, device) -> dict:
-    from pipelines.eval_retrieval import evaluate_retrieval
+    from pipelines.evaluate.retrieval import evaluate_retrieval
 
     return evaluate_retrieval(backbone, data["train"], data["test"], cfg.retrieval, pad_id, cfg.seed, device)

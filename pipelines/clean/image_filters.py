@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.configs import check
-from pipelines.rejects import Reject, content_id
+from pipelines.clean.rejects import Reject, content_id
+from pipelines.common.configs import check
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 WHITE = (255, 255, 255, 255)

@@ -1,8 +1,8 @@
 """Global dedup of the clean stage as sharded Ray tasks over spilled row chunks.
 
-The map of pipelines.clean_rows spills every row to Parquet chunks (input
+The map of pipelines.clean.rows spills every row to Parquet chunks (input
 order, with ``order``: one int64 per row, and ``bands``: the row's near-dedup
-bucket keys from :class:`pipelines.dedup.NearRules`). Then:
+bucket keys from :class:`pipelines.clean.dedup.NearRules`). Then:
 
 1. :func:`dedup_shard`, one Ray task per shard ``s`` of ``n``, reads only the
    small columns of every chunk and keeps what hashes to ``s``:
@@ -15,7 +15,7 @@ bucket keys from :class:`pipelines.dedup.NearRules`). Then:
      full (signature, phash, thumbnail) and every pair is confirmed: an edge
      (later i, earlier j, detail).
    Exact duplicates and edges are written to ``work/`` (memory O(rows / n)).
-2. :func:`resolve`, one Ray task, runs the greedy rule of pipelines.dedup over
+2. :func:`resolve`, one Ray task, runs the greedy rule of pipelines.clean.dedup over
    the edges sorted by (i, j): i is dropped iff some earlier neighbour j is still
    kept, and the earliest such j is named. It writes ``dropped.parquet``: every
    dropped row, sorted by order. Its memory is O(duplicates + edges), never
@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import storage
-from pipelines.dedup import NearRules
+from pipelines.clean.dedup import NearRules
+from pipelines.common import storage
 
 DROPPED_SCHEMA = pa.schema([("order", pa.int64()), ("kind", pa.string()), ("id", pa.string()),
                             ("location", pa.string()), ("reason", pa.string()), ("detail", pa.string()),

@@ -16,8 +16,8 @@ from torch import nn
 
 from model.batch import pad_texts
 from model.beit3 import BEiT3
-from pipelines.pretrain_data import mix_seed
-from pipelines.train_loop import param_groups
+from model.optim import param_groups, warmup_cosine
+from pipelines.common.seeding import mix_seed
 
 RECALL_AT = (1, 5, 10)
 
@@ -67,12 +67,6 @@ class RetrievalData:
     caption_image: torch.Tensor   # (C,) long: the image of each caption
 
 
-def _schedule(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def finetune(model: RetrievalModel, data: RetrievalData, cfg, pad_id: int, seed: int, device) -> list[float]:
     """cfg: RetrievalConfig. Each step: batch_size images (epoch-wise shuffled), one of each
     image's captions at random. Returns the loss of every step."""
@@ -95,7 +89,7 @@ def finetune(model: RetrievalModel, data: RetrievalData, cfg, pad_id: int, seed:
         picks = [by_image[i][int(torch.randint(len(by_image[i]), (1,), generator=gen))] for i in idx.tolist()]
         ids, pad = pad_texts([data.captions[j] for j in picks], pad_id)
         for g in optimizer.param_groups:
-            g["lr"] = g["lr_base"] * _schedule(step, cfg.steps, cfg.warmup_steps)
+            g["lr"] = g["lr_base"] * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
         torch.manual_seed(mix_seed(seed, step))  # drop path, if any
         loss = model.contrastive_loss(data.images[idx].to(device), ids.to(device), pad.to(device))
         loss.backward()

@@ -17,7 +17,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from pipelines.configs import check
+from pipelines.common.configs import check
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """pretrain stage: Ray Train V2 TorchTrainer driver for BEiT-3 masked data modeling.
 
 The driver indexes the shards, names the run after everything that shapes the
-training trajectory, runs ``pipelines.train_loop.train_worker`` on N workers
+training trajectory, runs ``pipelines.pretrain.loop.train_worker`` on N workers
 and exports the final checkpoint. Resuming is Ray Train V2's: the same
 ``RunConfig(name, storage_path)`` finds the run's checkpoints and the workers
 pick the latest up with ``ray.train.get_checkpoint()``; the data order is a
-function of the step (pipelines.pretrain_data), so a resumed run continues at
+function of the step (pipelines.pretrain.data), so a resumed run continues at
 the exact next sample and repeats the uninterrupted run's loss curve.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model.task import MaskingConfig
-from pipelines import storage
-from pipelines.configs import check, to_dict
-from pipelines.pretrain_data import ShardIndex, absolute, read_manifest, split_index
-from pipelines.pretrain_model import export_from_checkpoint, task_spec
-from pipelines.ray_session import RayConfig, ray_session
-from pipelines.schema import MODALITIES
-from pipelines.train_loop import CSV_FIELDS, csv_text, read_csv
+from pipelines.common import storage
+from pipelines.common.configs import check, to_dict
+from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.common.schema import MODALITIES
+from pipelines.common.shards import ShardIndex, absolute, read_manifest, split_index
+from pipelines.common.task_files import export_from_checkpoint, task_spec
+from pipelines.common.train_csv import CSV_FIELDS, csv_text, read_csv
 
 # Fields that change how a run executes but not what it computes: a run
 # interrupted under one value resumes under another (e.g. more workers).
@@ -147,13 +147,14 @@ class PretrainConfig:
 
 
 def code_digest() -> str:
-    """sha256 of the sources that compute the training trajectory: model/ and the loop."""
+    """sha256 of the sources that compute the training trajectory: model/ (the backbone,
+    heads, masking), this package, and the shared shard reader, seeds and task files."""
     import model
-
-    from pipelines import pretrain_data, pretrain_model, train_loop
+    from pipelines.common import seeding, shards, task_files
 
     paths = sorted(str(p) for p in Path(model.__file__).parent.glob("*.py"))
-    paths += [m.__file__ for m in (pretrain_data, pretrain_model, train_loop)]
+    paths += sorted(str(p) for p in Path(__file__).parent.glob("*.py"))
+    paths += [m.__file__ for m in (seeding, shards, task_files)]
     digest = hashlib.sha256()
     for path in paths:
         digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
@@ -215,7 +216,7 @@ def _fit(cfg: PretrainConfig, job: dict, name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_loop import train_worker
+    from pipelines.pretrain.loop import train_worker
 
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from model.images import preprocess
-from pipelines import storage
+from pipelines.common import storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

@@ -5,19 +5,19 @@ never O(rows):
 1. the driver lists each source and splits it into units (files, tars, chunks of
    image files); a missing source path fails here, before any work;
 2. map (Ray tasks of ``ray.cpus_per_task`` CPUs, one per CPU in flight): read a
-   block of units, run every per-row step (pipelines.text_filters / image_filters), and
+   block of units, run every per-row step (pipelines.clean.text_filters / image_filters), and
    spill one row per input row, kept or rejected with a reason, to Parquet
-   chunks in a work folder (pipelines.clean_rows); only a summary per chunk
+   chunks in a work folder (pipelines.clean.rows); only a summary per chunk
    comes back;
 3. global dedup as sharded Ray tasks over the chunks, ``ceil(rows /
    dedup_shard_rows)`` shards of the id / LSH-band hash space, then one task
-   that resolves near-duplicate chains (pipelines.dedup_shards): every dropped
+   that resolves near-duplicate chains (pipelines.clean.dedup_shards): every dropped
    row in ``dropped.parquet``;
 4. one pass over the chunks in input order on the driver: kept rows minus
    dropped ones go to ``out_dir/{text,image,pair}/part-NNNNN.parquet``, rejected
    rows (the map's and dedup's, merged by order) to ``out_dir/rejected/``. Parts
    close at ``part_rows`` rows or ``part_bytes`` bytes, encoded as they fill and
-   written atomically (pipelines.clean_parts). Output keeps input order, as
+   written atomically (pipelines.clean.parts). Output keeps input order, as
    datatrove and NeMo Curator do: a global sort by id moved every image through
    Ray's object store a second time and cost more than cleaning small images;
    pack shuffles anyway. (At cluster scale this pass is the driver's only byte
@@ -44,19 +44,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.clean_parts import PartWriter
-from pipelines.clean_rows import ORDER_BITS, STEPS, map_units
-from pipelines.configs import check
-from pipelines.dedup import NearRules
-from pipelines.dedup_shards import DROPPED_SCHEMA, dedup_shard, resolve
-from pipelines.image_filters import ImageFilterConfig
-from pipelines.ray_session import bounded_tasks, cluster_cpus, ray_session, spread_task
-from pipelines.rejects import REJECTED_SCHEMA
-from pipelines.sources import plan_units
-from pipelines.text_filters import PairFilterConfig, TextFilterConfig
+from pipelines.clean.dedup import NearRules
+from pipelines.clean.dedup_shards import DROPPED_SCHEMA, dedup_shard, resolve
+from pipelines.clean.image_filters import ImageFilterConfig
+from pipelines.clean.parts import PartWriter
+from pipelines.clean.rejects import REJECTED_SCHEMA
+from pipelines.clean.rows import ORDER_BITS, STEPS, map_units
+from pipelines.clean.sources import plan_units
+from pipelines.clean.text_filters import PairFilterConfig, TextFilterConfig
+from pipelines.common import storage
+from pipelines.common.configs import check
+from pipelines.common.ray_session import bounded_tasks, cluster_cpus, ray_session, spread_task
+from pipelines.common.schema import MODALITIES
 
-KINDS = ("text", "image", "pair")
 OUTPUT_SCHEMAS = {
     "text": pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())]),
     "image": pa.schema([("id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
@@ -157,7 +157,7 @@ def _map_blocks(units: int, cpus: int) -> int:
 
 
 def _dedup(ray, chunks: list[dict], cfg: CleanConfig, rules: NearRules, work: str, ray_cfg) -> dict:
-    """Sharded exact + near dedup (pipelines.dedup_shards); returns resolve's summary."""
+    """Sharded exact + near dedup (pipelines.clean.dedup_shards); returns resolve's summary."""
     paths = ray.put([c["path"] for c in chunks])
     shards = max(1, math.ceil(sum(c["rows"] for c in chunks) / cfg.dedup_shard_rows))
     task = spread_task(ray, dedup_shard, ray_cfg.cpus_per_task)
@@ -234,7 +234,7 @@ def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict) -> dic
     for c in chunks:
         rows_in[sources[c["source_idx"]].name] += c["rows"]
     kept = Counter()
-    for kind in KINDS:
+    for kind in MODALITIES:
         kept.update(parts.get(kind, {}).get("by_source", {}))
     reasons: dict[str, Counter] = {s.name: Counter() for s in sources}
     for (name, _, reason, _), n in rejected.items():
@@ -247,7 +247,7 @@ def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict) -> dic
                                f"!= kept {kept[s.name]} + rejected {n_rej}")
         per_source[s.name] = {"kind": s.kind, "format": s.format, "path": s.path, "rows_in": rows_in[s.name],
                               "kept": kept[s.name], "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons[s.name].items()))}
-    kinds = {k: _kind_steps(k, sources, rows_in, rejected, parts) for k in KINDS
+    kinds = {k: _kind_steps(k, sources, rows_in, rejected, parts) for k in MODALITIES
              if any(s.kind == k and rows_in[s.name] for s in sources)}
     outputs = {k: {key: v for key, v in p.items() if key != "by_source"} for k, p in parts.items()}
     return {"rows_in": sum(rows_in.values()), "kept": sum(kept.values()), "rejected": sum(rejected.values()),

@@ -7,7 +7,7 @@ rejected, spilled to Parquet chunks ``<work>/rows/<order of first row>.parquet``
 atomically, so a retried task rewrites the same files) and only a summary per
 chunk returned: the map holds a few rows and one encoded chunk, never a whole
 unit. The global dedup happens afterwards, in sharded Ray tasks over the chunks
-(pipelines.dedup_shards).
+(pipelines.clean.dedup_shards).
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.clean_parts import compression
-from pipelines.image_filters import IMAGE_STEPS
-from pipelines.rejects import Reject, content_id, run_steps
-from pipelines.sources import ReadLimits, Record, read_unit
-from pipelines.text_filters import CAPTION_STEPS, TEXT_STEPS, caption_id, minhash, text_id
+from pipelines.clean.image_filters import IMAGE_STEPS
+from pipelines.clean.parts import compression
+from pipelines.clean.rejects import Reject, content_id, run_steps
+from pipelines.clean.sources import ReadLimits, Record, read_unit
+from pipelines.clean.text_filters import CAPTION_STEPS, TEXT_STEPS, caption_id, minhash, text_id
+from pipelines.common import storage
 
 ROW_SCHEMA = pa.schema([
     ("order", pa.int64()),           # input order as one number: row_order(source, unit, row)

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.configs import check
-from pipelines.metrics import METRICS_DIR
-from pipelines.report_charts import (CSS, KEPT_COLOR, bar_chart, color_of, esc, legend, line_chart,
-                                     stacked_bars, table)
+from pipelines.common import storage
+from pipelines.common.configs import check
+from pipelines.common.metrics import METRICS_DIR
+from pipelines.report.charts import CSS, KEPT_COLOR, bar_chart, color_of, esc, legend, line_chart, stacked_bars, table
 
 CODE_ROWS = 50_000      # val rows whose visual tokens are counted for codebook usage
 MAX_BARS = 512          # rank-frequency chart: codes averaged into at most this many bars
@@ -261,7 +260,7 @@ def codebook_section(vt: dict | None, val: dict, path: str) -> Section:
 # ---------------------------------------------------------------- training
 
 def training_section(plots_path: str, pretrain: dict | None) -> Section:
-    from pipelines.train_loop import read_csv
+    from pipelines.common.train_csv import read_csv
 
     title = "Training curves"
     if not storage.exists(plots_path):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import posixpath
 
-from pipelines import storage
+from pipelines.common import storage
 
 MANIFEST = "remote.json"
 STORE = ".cas"

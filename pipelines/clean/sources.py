@@ -4,7 +4,7 @@ A source is split into *units* (one file, one tar, or a chunk of image files)
 so Ray can read them in parallel; :func:`read_unit` turns one unit into
 :class:`Record` s, one per input row. Rows that cannot be read (malformed JSON,
 a missing image, a tar member named ``../x``) come out as records carrying a
-:class:`~pipelines.rejects.Reject`, so they are counted and written to the
+:class:`~pipelines.clean.rejects.Reject`, so they are counted and written to the
 rejected output instead of disappearing.
 
 Confinement: nothing outside a source's declared path is ever read. JSONL image
@@ -29,10 +29,10 @@ from typing import Iterator, Literal
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.archive import escapes, tar_members, wds_key
-from pipelines.configs import check
-from pipelines.rejects import Reject
+from pipelines.clean.archive import escapes, tar_members, wds_key
+from pipelines.clean.rejects import Reject
+from pipelines.common import storage
+from pipelines.common.configs import check
 
 FORMATS = {
     "text": ("txt", "jsonl", "parquet"),

@@ -13,7 +13,7 @@ norm_ema_quantizer.py), so ``state_dict()`` *is* the official layout:
 Inference (``codes``) reproduces the reference ``get_codebook_indices``:
 x in [0, 1] -> x*255/127.5 - 1 -> encoder patch tokens through fc_norm ->
 float32 task layer -> l2-normalise -> argmin of the squared distance to the
-codebook rows. Training lives in model/vqkd_train.py.
+codebook rows. Training lives in model/vqkd/train.py.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.safe_load import load_torch_checkpoint
-from model.vqkd_vit import ViT
+from model.vqkd.vit import ViT
 
 STATE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -23,77 +23,17 @@ checkpoint at step ``t`` continues at the exact next sample, and 1 worker and
 from __future__ import annotations
 
 import bisect
-import hashlib
-import os
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from model.batch import MixedBatch, TextPart, collate_rows
 from model.masking import TextMask, block_mask, num_to_mask
 from model.task import PretrainMasks
-from pipelines import storage
-from pipelines.schema import MODALITIES
-
-ROW_COLUMNS = ["id", "modality", "text_ids", "image", "visual_tokens"]
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """The shard list of one split and how many rows of each modality every shard holds."""
-
-    paths: tuple[str, ...]
-    counts: dict[str, tuple[int, ...]]  # modality -> rows per shard, aligned with paths
-
-    def total(self, modality: str) -> int:
-        return sum(self.counts[modality])
-
-    def digest(self) -> str:
-        """Identifies the data of a run (shard names and counts)."""
-        text = repr((tuple(p.rsplit("/", 1)[-1] for p in self.paths),
-                     sorted(self.counts.items())))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def absolute(path: str) -> str:
-    """A local path made absolute (Ray workers may run in another folder); URIs unchanged."""
-    return path if storage.is_uri(path) else os.path.abspath(path)
-
-
-def read_manifest(shards_dir: str) -> dict:
-    path = storage.join(shards_dir, "manifest.json")
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{path}: no shard manifest; run the pack stage first")
-    return storage.read_json(path)
-
-
-def split_index(shards_dir: str, split: str, manifest: dict | None = None) -> ShardIndex:
-    """The split's shards in the manifest's order (stray files in the folder are ignored) and
-    their rows per modality: the manifest's ``rows_by_modality``, else counted from the
-    shard's modality column."""
-    manifest = manifest or read_manifest(shards_dir)
-    entries = [e for e in manifest["shards"] if e["split"] == split]
-    if not entries:
-        raise ValueError(f"{shards_dir}/manifest.json lists no {split!r} shards")
-    paths, counts = [], {m: [] for m in MODALITIES}
-    for entry in entries:
-        path = storage.join(shards_dir, entry["path"])
-        known = entry.get("rows_by_modality")
-        if known is None:
-            modality = storage.read_parquet(path, columns=["modality"]).column("modality")
-            known = {m: int(pc.sum(pc.equal(modality, m)).as_py() or 0) for m in MODALITIES}
-        paths.append(path)
-        for m in MODALITIES:
-            counts[m].append(int(known.get(m, 0)))
-    return ShardIndex(tuple(paths), {m: tuple(c) for m, c in counts.items()})
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+from pipelines.common.schema import MODALITIES
+from pipelines.common.seeding import mix_seed, seeded_rng
+from pipelines.common.shards import ShardIndex, ShardRowReader
 
 
 class ModalityOrder:
@@ -113,7 +53,7 @@ class ModalityOrder:
     def _epoch_layout(self, epoch: int):
         """(shard order, cumulative row counts along it) of one epoch, memoised."""
         if self._epoch is None or self._epoch[0] != epoch:
-            shards = [s for s in _rng(self.seed, self.modality_id, epoch).permutation(len(self.counts))
+            shards = [s for s in seeded_rng(self.seed, self.modality_id, epoch).permutation(len(self.counts))
                       if self.counts[s] > 0]
             cumulative = np.cumsum([self.counts[s] for s in shards]).tolist()
             self._epoch = (epoch, shards, cumulative)
@@ -122,7 +62,7 @@ class ModalityOrder:
 
     def _row_order(self, epoch: int, shard: int) -> np.ndarray:
         if shard not in self._rows:
-            self._rows[shard] = _rng(self.seed, self.modality_id, epoch, shard + 1).permutation(self.counts[shard])
+            self._rows[shard] = seeded_rng(self.seed, self.modality_id, epoch, shard + 1).permutation(self.counts[shard])
         return self._rows[shard]
 
     def locate(self, position: int) -> tuple[int, int, int]:
@@ -142,30 +82,6 @@ def worker_positions(step: int, global_batch: int, rank: int, world_size: int) -
     local = global_batch // world_size
     start = step * global_batch + rank * local
     return range(start, start + local)
-
-
-class ShardRowReader:
-    """Reads rows of one modality from shards, keeping the few most recent shards in memory."""
-
-    def __init__(self, index: ShardIndex, modality: str, cache_size: int = 2):
-        self.index = index
-        self.modality = modality
-        self.cache_size = cache_size
-        self._cache: OrderedDict[int, list[dict]] = OrderedDict()
-
-    def rows_of(self, shard: int) -> list[dict]:
-        if shard not in self._cache:
-            table = storage.read_parquet(self.index.paths[shard], columns=ROW_COLUMNS)
-            table = table.filter(pc.equal(table.column("modality"), self.modality))
-            if table.num_rows != self.index.counts[self.modality][shard]:
-                raise ValueError(f"{self.index.paths[shard]}: {table.num_rows} {self.modality} rows, "
-                                 f"the index counted {self.index.counts[self.modality][shard]}; "
-                                 "the shards changed under a running job")
-            self._cache[shard] = table.to_pylist()
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(shard)
-        return self._cache[shard]
 
 
 class MixedStream:
@@ -193,10 +109,6 @@ class MixedStream:
     def epochs(self, step: int) -> dict[str, float]:
         """Fractional epochs of each modality completed after ``step`` steps."""
         return {m: step * b / self.orders[m].size for m, b in self.batch.items()}
-
-
-def mix_seed(*key: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 # ----------------------------------------------------------------------------- masks per sample
@@ -296,5 +208,5 @@ class StepLoader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["ShardIndex", "absolute", "read_manifest", "split_index", "ModalityOrder", "worker_positions", "ShardRowReader", "MixedStream",
-           "mix_seed", "step_masks", "split_text_part", "count_tokens", "StepLoader"]
+__all__ = ["ModalityOrder", "worker_positions", "MixedStream", "step_masks", "split_text_part",
+           "count_tokens", "StepLoader"]

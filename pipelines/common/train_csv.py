@@ -1,0 +1,33 @@
+"""plots/pretrain.csv: one row per training step, written by pretrain and read by
+report (and by pretrain itself when it resumes from a checkpoint)."""
+from __future__ import annotations
+
+import csv
+import io
+
+from model.task import PART_KEYS
+
+CSV_FIELDS = ["step", "loss", *[f"loss_{p}" for p in PART_KEYS], *[f"acc_{p}" for p in PART_KEYS],
+              "lr", "grad_norm", "samples_per_s", "tokens_per_s", "elapsed_s"]
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:.8g}"

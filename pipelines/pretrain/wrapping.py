@@ -1,0 +1,34 @@
+"""Parallelism and compilation applied from outside the model (torchtitan's rule):
+per-layer torch.compile, then DDP or FSDP2 when a process group is up."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def wrap_model(module: torch.nn.Module, layers, cfg, device: torch.device) -> torch.nn.Module:
+    """``module`` (the step module) ready to train: its transformer ``layers`` compiled when
+    cfg.compile, then wrapped for cfg.strategy (ddp | fsdp) in a distributed run."""
+    if cfg.compile:
+        for layer in layers:
+            layer.compile(dynamic=True)
+    if not distributed():
+        return module
+    if cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        bf16 = cfg.bf16 and device.type == "cuda"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for layer in layers:
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(module, mp_policy=policy)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # A modality with no samples leaves its experts/head without gradients.
+    unused = min(cfg.batch.as_dict().values()) == 0
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
