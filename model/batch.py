@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from model.images import to_model_input
+from model.modalities import MODALITIES
 
 
 def _check(cond: bool, message: str) -> None:
@@ -81,7 +82,6 @@ class PairPart(_Part):
                f"pair: {self.pixels.shape[0]} images but {self.ids.shape[0]} captions")
 
 
-MODALITIES = ("text", "image", "pair")
 
 
 @dataclass(frozen=True)

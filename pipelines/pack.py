@@ -43,8 +43,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
-from pipelines.common.configs import check, to_dict
+from pipelines.common.configs import check
 from pipelines.common.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session, spread_task
+from pipelines.common.remote_outputs import StageOutput
 from pipelines.common.schema import MODALITIES, SHARD_SCHEMA, TOKENIZERS, check_schema
 
 MANIFEST = "manifest.json"
@@ -55,8 +56,7 @@ POS = "__pos"
 
 
 @dataclass(frozen=True)
-class PackConfig:
-    out_dir: str = "data/shards"
+class PackConfig(StageOutput):
     shard_rows: int = 2000
     val_fraction: float = 0.05
     seed: int = 0
@@ -66,6 +66,7 @@ class PackConfig:
     in_memory_mb: float = 1024.0            # inputs up to this size (on disk) shuffle in Ray's object store
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.shard_rows >= 1, "pack.shard_rows: must be >= 1")
         check(self.in_memory_mb >= 0, "pack.in_memory_mb: must be >= 0")
         check(0.0 <= self.val_fraction < 1.0, "pack.val_fraction: must be in [0, 1)")
@@ -99,18 +100,18 @@ def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict
     info_path = storage.join(tokenized_dir, TOKENIZERS)
     tokenizers = storage.read_json(info_path) if storage.exists(info_path) else {}
     plan = make_plan(cfg, parts, tokenizers)
-    done = finished_shards(cfg.out_dir, plan)
-    _write_partial(cfg.out_dir, plan, done)
-    storage.remove(storage.join(cfg.out_dir, MANIFEST))
-    _remove_stale(cfg.out_dir, keep=set(done))
+    done = finished_shards(cfg.data_dir, plan)
+    _write_partial(cfg.data_dir, plan, done)
+    storage.remove(storage.join(cfg.data_dir, MANIFEST))
+    _remove_stale(cfg.data_dir, keep=set(done))
     todo = [s for s in plan.shards if s.path not in done]
     if todo:
         with ray_session(ray_cfg) as ray:
             _run(ray, cfg, ray_cfg, plan, todo, done)
-    storage.remove(storage.join(cfg.out_dir, SPILL))  # also a killed run's, when nothing was left to do
+    storage.remove(storage.join(cfg.data_dir, SPILL))  # also a killed run's, when nothing was left to do
     manifest = build_manifest(cfg, plan, tokenizers, done)
-    storage.write_json(storage.join(cfg.out_dir, MANIFEST), manifest)
-    storage.remove(storage.join(cfg.out_dir, PARTIAL))
+    storage.write_json(storage.join(cfg.data_dir, MANIFEST), manifest)
+    storage.remove(storage.join(cfg.data_dir, PARTIAL))
     seconds = time.time() - start
     return {"rows": manifest["rows"], "rows_by_modality": manifest["rows_by_modality"],
             "splits": manifest["splits"], "shards": len(plan.shards), "shards_written": len(todo),
@@ -123,7 +124,7 @@ def make_plan(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Plan:
     """Split and shard every row from its id alone (see the module docstring)."""
     threshold = int(cfg.val_fraction * 2.0**64)
     part_of, row_of, key_of, is_val, fp = [], [], [], [], hashlib.sha256()
-    fp.update(json.dumps([to_dict(cfg) | {"out_dir": None, "in_memory_mb": None}, tokenizers], sort_keys=True).encode())
+    fp.update(json.dumps([cfg.content_params() | {"in_memory_mb": None}, tokenizers], sort_keys=True).encode())
     for j, path in enumerate(parts):
         table = storage.read_parquet(path, columns=["id"])
         ids = table.column("id").to_pylist()
@@ -174,24 +175,24 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardS
         for shard in todo:
             bounds = {j: np.searchsorted(d, [shard.index, shard.index + 1]).tolist() for j, d in kept.items()}
             bounds = {j: ab for j, ab in bounds.items() if ab[1] > ab[0]}
-            jobs[shard] = (list(bounds.values()), storage.join(cfg.out_dir, shard.path), *options,
+            jobs[shard] = (list(bounds.values()), storage.join(cfg.data_dir, shard.path), *options,
                            *[ordered[j] for j in bounds])  # top-level references: Ray resolves them
         gather = remote(gather_slices)
     else:
-        spill_dir = storage.join(cfg.out_dir, SPILL)
+        spill_dir = storage.join(cfg.data_dir, SPILL)
         storage.remove(spill_dir)
         spills = {storage.join(spill_dir, f"part-{j:05d}.arrow"): args for j, args in inputs.items()}
         batches = dict(bounded_tasks(ray, remote(scatter_part), {spill: (path, spill, dest, pos)
                                  for spill, (path, dest, pos) in spills.items()}, limit, timeout))
         for shard in todo:
             sources = [(spill, idx[shard.index]) for spill, idx in batches.items() if shard.index in idx]
-            jobs[shard] = (sources, storage.join(cfg.out_dir, shard.path), *options)
+            jobs[shard] = (sources, storage.join(cfg.data_dir, shard.path), *options)
         gather = remote(gather_shard)
     last_write = time.time()
     for n, (shard, entry) in enumerate(bounded_tasks(ray, gather, jobs, limit, timeout), start=1):
         done[shard.path] = {"split": shard.split, **entry}
         if time.time() - last_write > 1.0 or n == len(jobs):  # bounded manifest rewriting
-            _write_partial(cfg.out_dir, plan, done)
+            _write_partial(cfg.data_dir, plan, done)
             last_write = time.time()
 
 

@@ -24,7 +24,7 @@ import hashlib
 import heapq
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from model.text_tokenizer import MASK_PIECE, MODEL_FILE, TextTokenizer
@@ -38,7 +38,7 @@ INFO_FILE = "tokenizer.json"
 
 @dataclass(frozen=True)
 class TextTokenizerConfig:
-    out_dir: str = "data/text_tokenizer"
+    out_dir: str = field(kw_only=True)
     vocab_size: int = 2000
     pretrained: str | None = None           # existing model (local or s3://): copied, no training
     model_type: Literal["unigram", "bpe"] = "unigram"

@@ -42,8 +42,9 @@ import pyarrow.parquet as pq
 
 from model.text_tokenizer import MODEL_FILE, TextTokenizer
 from pipelines.common import storage
-from pipelines.common.configs import check, to_dict
+from pipelines.common.configs import check
 from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.common.remote_outputs import StageOutput
 from pipelines.common.schema import MODALITIES, TOKENIZERS, shard_table
 
 METADATA_KEY = b"beit3.tokenize"
@@ -53,8 +54,7 @@ PNG_STRATEGY = 3   # zlib Z_RLE (see the module docstring); part of every part's
 
 
 @dataclass(frozen=True)
-class TokenizeConfig:
-    out_dir: str = "data/tokenized"
+class TokenizeConfig(StageOutput):
     batch_size: int = 64                    # images per VQ-KD forward
     num_actors: int = 2
     num_gpus: float = 0.0                   # per actor; > 0 runs VQ-KD on GPU actors
@@ -64,6 +64,7 @@ class TokenizeConfig:
     png_compress_level: int = 6
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.batch_size >= 1, "tokenize.batch_size: must be >= 1")
         check(self.num_actors >= 1, "tokenize.num_actors: must be >= 1")
         check(self.num_gpus >= 0, "tokenize.num_gpus: must be >= 0")
@@ -74,16 +75,16 @@ class TokenizeConfig:
 
 def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str,
                     visual_tokenizer_dir: str, ray_cfg: RayConfig) -> dict:
-    """Tokenize every cleaned part not yet done into ``cfg.out_dir``; returns metrics."""
+    """Tokenize every cleaned part not yet done into ``cfg.data_dir``; returns metrics."""
     start = time.time()
     files = read_tokenizer_files(text_tokenizer_dir, visual_tokenizer_dir)
     tokenizers = tokenizer_info(files, text_tokenizer_dir, visual_tokenizer_dir)
-    params = to_dict(cfg) | {"out_dir": None, "num_actors": None, "png_strategy": PNG_STRATEGY}
+    params = cfg.content_params() | {"num_actors": None, "png_strategy": PNG_STRATEGY}
     base = json.dumps([tokenizers, params], sort_keys=True)
     jobs, finished, expected = [], [], set()
     for kind in MODALITIES:
         for path in storage.list_files(storage.join(clean_dir, kind), ".parquet"):
-            out = storage.join(cfg.out_dir, kind, path.rsplit("/", 1)[-1])
+            out = storage.join(cfg.data_dir, kind, path.rsplit("/", 1)[-1])
             expected.add(out)
             fingerprint = storage.sha256(f"{base}\0{kind}\0{storage.sha256_file(path)}".encode())
             previous = _part_metadata(out)
@@ -93,9 +94,9 @@ def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str
                 jobs.append({"kind": kind, "path": path, "out": out, "fingerprint": fingerprint})
     if not expected:
         raise FileNotFoundError(f"{clean_dir}: no cleaned parts under text/, image/ or pair/")
-    _remove_stale(cfg.out_dir, expected)
+    _remove_stale(cfg.data_dir, expected)
     stats = _run(cfg, ray_cfg, jobs, files) if jobs else []
-    storage.write_json(storage.join(cfg.out_dir, TOKENIZERS), tokenizers)
+    storage.write_json(storage.join(cfg.data_dir, TOKENIZERS), tokenizers)
     metrics = {"parts": len(expected), "parts_done": len(jobs), "parts_skipped": len(finished),
                "seconds": round(time.time() - start, 2)}
     for key in STAT_KEYS:  # over every output part, finished in this run or before

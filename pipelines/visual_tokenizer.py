@@ -21,7 +21,7 @@ import dataclasses
 import io
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import torch
@@ -35,7 +35,7 @@ HISTORY_FILE = "history.json"
 
 @dataclass(frozen=True)
 class VisualTokenizerConfig:
-    out_dir: str = "data/visual_tokenizer"
+    out_dir: str = field(kw_only=True)
     preset: Literal["tiny", "official-base"] = "tiny"
     pretrained: str | None = None          # official BEiT v2 vqkd .pth: load it, skip training
     image_size: int = 96                   # tokenizer input size (official: 224)

@@ -4,15 +4,12 @@ from pipelines.common.metrics import write_metrics
 from pipelines.common.remote_outputs import track_output
 from pipelines.params import load_params
 
-# This stage's DVC out (dvc.yaml). With an s3:// out_dir it holds remote.json, the
-# manifest of the objects written there (pipelines/common/remote_outputs.py).
-TRACKED = "data/clean"
-
 
 def main() -> None:
-    params = load_params()
-    metrics = clean_sources(params.sources, params.clean, params.ray)
-    metrics |= track_output(params.clean.out_dir, TRACKED)
+    params = load_params(stage="clean")
+    cfg = params.clean
+    metrics = clean_sources(params.sources, cfg, params.ray)
+    metrics |= track_output(cfg.data_dir, cfg.out_dir)
     write_metrics("clean", metrics)
 
 

@@ -5,7 +5,7 @@ from pipelines.params import load_params
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(stage="demo_data")
     write_metrics("demo_data", generate_demo_data(params.demo_data))
 
 

@@ -5,8 +5,8 @@ from pipelines.params import load_params
 
 
 def main() -> None:
-    params = load_params()
-    metrics = evaluate_model(params.evaluate, params.evaluate.model_dir, params.pack.out_dir,
+    params = load_params(stage="evaluate")
+    metrics = evaluate_model(params.evaluate, params.pretrain.out_dir, params.pack.data_dir,
                              params.text_tokenizer.out_dir, params.ray)
     write_metrics("evaluate", metrics)
 

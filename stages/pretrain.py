@@ -5,8 +5,8 @@ from pipelines.pretrain import run_pretraining
 
 
 def main() -> None:
-    params = load_params()
-    metrics = run_pretraining(params.pretrain, params.pack.out_dir, params.text_tokenizer.out_dir, params.ray)
+    params = load_params(stage="pretrain")
+    metrics = run_pretraining(params.pretrain, params.pack.data_dir, params.text_tokenizer.out_dir, params.ray)
     write_metrics("pretrain", metrics)
 
 

@@ -5,8 +5,8 @@ from pipelines.report import render_report
 
 
 def main() -> None:
-    params = load_params()
-    metrics = render_report(params.report, params.pack.out_dir, params.text_tokenizer.out_dir,
+    params = load_params(stage="report")
+    metrics = render_report(params.report, params.pack.data_dir, params.text_tokenizer.out_dir,
                             params.pretrain.plots_path, params.pretrain.masking)
     write_metrics("report", metrics)
 

@@ -5,8 +5,8 @@ from pipelines.text_tokenizer import train_text_tokenizer
 
 
 def main() -> None:
-    params = load_params()
-    metrics = train_text_tokenizer(params.text_tokenizer, params.clean.out_dir, params.ray)
+    params = load_params(stage="text_tokenizer")
+    metrics = train_text_tokenizer(params.text_tokenizer, params.clean.data_dir, params.ray)
     write_metrics("text_tokenizer", metrics)
 
 

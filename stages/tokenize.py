@@ -4,16 +4,13 @@ from pipelines.common.remote_outputs import track_output
 from pipelines.params import load_params
 from pipelines.tokenize import tokenize_corpus
 
-# This stage's DVC out (dvc.yaml). With an s3:// out_dir it holds remote.json, the
-# manifest of the objects written there (pipelines/common/remote_outputs.py).
-TRACKED = "data/tokenized"
-
 
 def main() -> None:
-    params = load_params()
-    metrics = tokenize_corpus(params.tokenize, params.clean.out_dir, params.text_tokenizer.out_dir,
+    params = load_params(stage="tokenize")
+    cfg = params.tokenize
+    metrics = tokenize_corpus(cfg, params.clean.data_dir, params.text_tokenizer.out_dir,
                               params.visual_tokenizer.out_dir, params.ray)
-    metrics |= track_output(params.tokenize.out_dir, TRACKED)
+    metrics |= track_output(cfg.data_dir, cfg.out_dir)
     write_metrics("tokenize", metrics)
 
 

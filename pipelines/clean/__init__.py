@@ -55,6 +55,7 @@ from pipelines.clean.text_filters import PairFilterConfig, TextFilterConfig
 from pipelines.common import storage
 from pipelines.common.configs import check
 from pipelines.common.ray_session import bounded_tasks, cluster_cpus, ray_session, spread_task
+from pipelines.common.remote_outputs import StageOutput
 from pipelines.common.schema import MODALITIES
 
 OUTPUT_SCHEMAS = {
@@ -72,8 +73,7 @@ CHUNK_COLUMNS = ["order", "kept", "kind", "id", "image", "width", "height", "tex
 
 
 @dataclass(frozen=True)
-class CleanConfig:
-    out_dir: str = "data/clean"
+class CleanConfig(StageOutput):
     part_rows: int = 5000            # rows per output Parquet part (the last one may be short)
     part_bytes: int = 64 * 2**20     # and at most this many bytes (strings/binaries + 8 per value)
     dedup_shard_rows: int = 100_000  # input rows per dedup shard (Ray task): bounds each task's memory
@@ -85,7 +85,7 @@ class CleanConfig:
     pair: PairFilterConfig = field(default_factory=PairFilterConfig)
 
     def __post_init__(self):
-        check(bool(self.out_dir), "clean.out_dir: must not be empty")
+        super().__post_init__()
         check(self.part_rows >= 1, "clean.part_rows: must be >= 1")
         check(2**16 <= self.part_bytes <= 2**34, "clean.part_bytes: must be in [65536, 2**34] (64 KiB to 16 GiB)")
         check(self.dedup_shard_rows >= 1000, "clean.dedup_shard_rows: must be >= 1000")
@@ -101,14 +101,14 @@ class CleanConfig:
 
 
 def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
-    """Clean every source into ``cfg.out_dir``; returns the metrics of metrics/clean.json."""
+    """Clean every source into ``cfg.data_dir``; returns the metrics of metrics/clean.json."""
     sources = tuple(sources)
     check(len(sources) <= 1 << ORDER_BITS[0], f"sources: at most {1 << ORDER_BITS[0]} sources")
     units = [{"source_idx": s, "unit_idx": u, "files": list(files)}
              for s, source in enumerate(sources)
              for u, files in enumerate(plan_units(source, cfg.files_per_unit))]
-    staging = storage.staging_dir(cfg.out_dir)
-    work = _work_dir(staging, cfg.out_dir)
+    staging = storage.staging_dir(cfg.data_dir)
+    work = _work_dir(staging, cfg.data_dir)
     try:
         rules = cfg.near_rules()  # LSH band sizes: ~30 ms of numeric integration, computed once
         with ray_session(ray_cfg) as ray:
@@ -119,7 +119,7 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
         metrics = _metrics(sources, chunks, rejected, parts)  # raises, leaving out_dir untouched, unless it reconciles
     finally:
         storage.remove(work)
-    storage.publish_dir(staging, cfg.out_dir)
+    storage.publish_dir(staging, cfg.data_dir)
     return metrics
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-# One row of data/clean/rejected/part-NNNNN.parquet (docs/INTERFACES.md:
+# One row of <clean.out_dir>/rejected/part-NNNNN.parquet (docs/INTERFACES.md:
 # source, kind, id, reason, detail; step and location added so a user can find
 # the offending input and the step that dropped it).
 REJECTED_SCHEMA = pa.schema([

@@ -1,21 +1,21 @@
 """Stage outputs on object storage, versioned through a small local manifest.
 
-DVC 3 no longer caches external outputs, so a stage whose ``out_dir`` is a URI
-(``s3://bucket/run/shards``) cannot hand its files to DVC. Instead the stage's
-DVC-tracked output (the local folder named in dvc.yaml, e.g. ``data/shards``)
-holds one file, ``remote.json``:
+DVC 3 no longer caches external outputs, so a stage that writes its data to
+object storage (``remote_dir: s3://bucket/run/shards``, see :class:`StageOutput`)
+cannot hand its files to DVC. Instead the stage's DVC-tracked output (its local
+``out_dir``) holds one file, ``remote.json``:
 
-    {"out_dir": "s3://bucket/run/shards",
+    {"out_dir": "s3://bucket/run/shards",        (the remote_dir)
      "store":   "s3://bucket/run/.cas",
      "files":   [{"path": "train/shard-00000.parquet", "bytes": 123,
                   "sha256": "ab12...", "uri": "s3://bucket/run/.cas/sha256/ab/ab12....parquet"}],
      "count": 1, "bytes": 123}
 
 Every file is copied (server side) to a content-addressed URI in ``store``, a
-sibling of ``out_dir`` that no stage ever clears; a rerun of the stage may
-overwrite ``out_dir``, but the objects a committed manifest names stay put, so
+sibling of the remote_dir that no stage ever clears; a rerun of the stage may
+overwrite ``remote_dir``, but the objects a committed manifest names stay put, so
 every past version stays readable (:func:`restore_output` copies a manifest's
-objects back to ``out_dir``). The manifest is deterministic (sorted, no
+objects back to the remote_dir). The manifest is deterministic (sorted, no
 timestamps): the same files give the same bytes, a changed file changes it,
 so DVC reruns exactly the downstream stages that read changed data, and
 ``dvc push`` versions the manifest like any other artifact.
@@ -24,11 +24,43 @@ from __future__ import annotations
 
 import os
 import posixpath
+from dataclasses import dataclass, field
 
 from pipelines.common import storage
+from pipelines.common.configs import to_dict
 
 MANIFEST = "remote.json"
 STORE = ".cas"
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """Where a data stage writes. ``out_dir``: the stage's DVC out, a local folder (dvc.yaml
+    takes it from params.yaml). ``remote_dir``: null, or an object-storage URI that receives
+    the data instead; ``out_dir`` then holds only remote.json, the manifest DVC versions."""
+
+    out_dir: str = field(kw_only=True)
+    remote_dir: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self):
+        # ValueError: the params builder adds the section's name
+        if not self.out_dir or storage.is_uri(self.out_dir):
+            raise ValueError(f"out_dir {self.out_dir!r}: must be a local folder (DVC tracks it); "
+                             "put an object-storage URI in remote_dir")
+        if self.remote_dir is not None and not storage.is_uri(self.remote_dir):
+            raise ValueError(f"remote_dir {self.remote_dir!r}: must be an object-storage URI (s3://...) or null")
+
+    @property
+    def data_dir(self) -> str:
+        """Where the stage's files are: remote_dir if set, else out_dir."""
+        return self.remote_dir or self.out_dir
+
+    def content_params(self) -> dict:
+        """The config without its locations: what output fingerprints hash, so the same data
+        written elsewhere keeps its fingerprint."""
+        params = to_dict(self) | {"out_dir": None}
+        del params["remote_dir"]
+        return params
 
 
 def track_output(out_dir: str, tracked_dir: str) -> dict:

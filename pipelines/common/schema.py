@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from model.batch import MODALITIES
+from model.modalities import MODALITIES
 
 # Written by tokenize beside its parts, read by pack: the tokenizers the codes came from.
 TOKENIZERS = "tokenizers.json"

@@ -1,6 +1,6 @@
 """Local paths and object-storage URIs behind one API, with atomic writes.
 
-Paths may be local ("data/clean") or URIs ("s3://bucket/prefix"); S3 endpoint
+Paths may be local ("data/example") or URIs ("s3://bucket/prefix"); S3 endpoint
 and credentials come from the standard AWS_* environment variables. Local
 writes go to a temporary name in the same folder and are renamed into place,
 so a killed stage never leaves a half-written file; an S3 PUT is atomic by

@@ -1,5 +1,5 @@
-"""plots/pretrain.csv: one row per training step, written by pretrain and read by
-report (and by pretrain itself when it resumes from a checkpoint)."""
+"""The training log CSV (``pretrain.plots_path``): one row per training step, written
+by pretrain and read by report (and by pretrain itself when it resumes)."""
 from __future__ import annotations
 
 import csv

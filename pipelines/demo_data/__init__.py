@@ -45,7 +45,7 @@ _TAR_MTIME = 0  # fixed member headers: no clock, user or group leaks into the t
 
 @dataclass(frozen=True)
 class DemoDataConfig:
-    out_dir: str = "data/demo"
+    out_dir: str = field(kw_only=True)
     seed: int = 0
     image_size: int = 96
     num_pairs: int = 3000

@@ -65,7 +65,6 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    model_dir: str = "models/pretrain"
     split: str = "val"           # held-out shards for masked prediction
     batch_size: int = 32         # per modality, masked prediction
     max_samples: int = 2000      # per modality, masked prediction

@@ -78,7 +78,7 @@ class BatchMix:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    out_dir: str = "models/pretrain"
+    out_dir: str = field(kw_only=True)  # the exported model
     lr: float = 1e-3  # peak lr at lr_reference_batch; scaled linearly with the global batch
     model: ModelParams = ModelParams()
     steps: int = 800
@@ -102,9 +102,9 @@ class PretrainConfig:
     activation_checkpointing: bool = False
     text_chunks: int = 4  # the text part runs as this many length-sorted pieces (less padding)
     checkpoint_every: int = 100
-    checkpoint_dir: str = "checkpoints/pretrain"  # Ray Train storage_path
+    checkpoint_dir: str = field(kw_only=True)  # Ray Train storage_path
     keep_checkpoints: int = 2
-    plots_path: str = "plots/pretrain.csv"
+    plots_path: str = field(kw_only=True)
     log_every: int = 10
     log_samples: bool = False  # record every step's sample ids (audits, resume tests)
     seed: int = 0

@@ -3,7 +3,7 @@
     task.safetensors   backbone + heads (full, unsharded state dict)
     optimizer.pt       AdamW state (full), loaded with weights_only
     task.json          the task spec (pipelines.common.task_files)
-    metrics.csv        every logged step so far (plots/pretrain.csv's rows)
+    metrics.csv        every logged step so far (the rows of pretrain.plots_path)
     samples.jsonl      each step's sample ids, with pretrain.log_samples
     state.json         run name, step, elapsed seconds; written last, so its presence
                        marks a complete checkpoint

@@ -193,7 +193,7 @@ def log(line: str) -> None:
 
 
 def step_row(step: int, totals: dict, lr: float, grad_norm: float, seconds: float, elapsed: float) -> dict:
-    """One row of plots/pretrain.csv from the globally reduced sums."""
+    """One row of the training log (pretrain.plots_path) from the globally reduced sums."""
     row = {"step": step, "lr": lr, "grad_norm": grad_norm, "elapsed_s": elapsed,
            "samples_per_s": totals["samples"] / seconds, "tokens_per_s": totals["tokens"] / seconds}
     means = []

@@ -4,7 +4,7 @@ Sections (each an ``<section id=...>``): the data funnel per source and rejectio
 reason (metrics/clean.json), sample image-text pairs from the held-out shards with
 the patches that block-wise masking hides drawn over them, the visual tokenizer's
 codebook usage (metrics/visual_tokenizer.json and the codes in the val shards),
-training curves (plots/pretrain.csv, inline SVG), and evaluation, pretrained vs
+training curves (pretrain.plots_path, inline SVG), and evaluation, pretrained vs
 random init (metrics/evaluate.json).
 
 The page needs nothing else: CSS is inline, images are data: URIs, charts are SVG,
@@ -19,7 +19,7 @@ import base64
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,7 +35,7 @@ SAMPLE_PX = 144         # displayed size of a sample image
 
 @dataclass(frozen=True)
 class ReportConfig:
-    out: str = "report/index.html"
+    out: str = field(kw_only=True)
     num_samples: int = 6     # image-text pairs shown from the val shards
     seed: int = 0            # seeds the drawn masks
 

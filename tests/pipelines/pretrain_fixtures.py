@@ -55,7 +55,8 @@ def train_tokenizer(root: str, rng: random.Random) -> TextTokenizer:
     texts += [render_scene(rng, IMAGE_SIZE)[2] for _ in range(200)]
     corpus = os.path.join(root, "tok_corpus.parquet")
     pq.write_table(pa.table({"text": texts}), corpus)
-    model_bytes, _ = train_model(TextTokenizerConfig(vocab_size=64), [(corpus, "text")])
+    model_bytes, _ = train_model(TextTokenizerConfig(out_dir=os.path.join(root, "text_tokenizer"), vocab_size=64),
+                                 [(corpus, "text")])
     tokenizer = TextTokenizer.from_bytes(model_bytes)
     write_tokenizer(os.path.join(root, "text_tokenizer"), model_bytes, tokenizer)
     return TextTokenizer(os.path.join(root, "text_tokenizer"))

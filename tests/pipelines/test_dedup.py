@@ -162,7 +162,7 @@ def test_parts_are_bounded_in_bytes_and_independent_of_batching(tmp_path):
 
 def test_part_bytes_is_validated():
     with pytest.raises(ParamsError, match="clean.part_bytes"):
-        build(CleanConfig, {"part_bytes": 100}, "clean")
+        build(CleanConfig, {"out_dir": "unused", "part_bytes": 100}, "clean")
     with pytest.raises(ParamsError, match="clean.part_bytes: expected an integer"):
-        build(CleanConfig, {"part_bytes": "64MB"}, "clean")
-    assert build(CleanConfig, {"part_bytes": 2**20}, "clean").part_bytes == 2**20
+        build(CleanConfig, {"out_dir": "unused", "part_bytes": "64MB"}, "clean")
+    assert build(CleanConfig, {"out_dir": "unused", "part_bytes": 2**20}, "clean").part_bytes == 2**20

@@ -239,11 +239,11 @@ def test_rerun_replaces_its_own_output_but_refuses_other_folders(tmp_path):
 
 def test_config_rejects_bad_values():
     with pytest.raises(ParamsError, match="demo_data.num_pairs"):
-        build(DemoDataConfig, {"num_pairs": -1}, "demo_data")
+        build(DemoDataConfig, {"out_dir": "unused", "num_pairs": -1}, "demo_data")
     with pytest.raises(ParamsError, match="pairs_per_tar"):
-        build(DemoDataConfig, {"pairs_per_tar": 20000}, "demo_data")
+        build(DemoDataConfig, {"out_dir": "unused", "pairs_per_tar": 20000}, "demo_data")
     with pytest.raises(ParamsError, match="demo_data.num_shapes"):
-        build(DemoDataConfig, {"num_shapes": 3}, "demo_data")
+        build(DemoDataConfig, {"out_dir": "unused", "num_shapes": 3}, "demo_data")
 
 
 # --- the stage ----------------------------------------------------------------

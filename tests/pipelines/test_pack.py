@@ -182,8 +182,8 @@ def test_config_values_are_checked():
     from pipelines.common.configs import ParamsError, build
 
     with pytest.raises(ParamsError, match="pack.shard_rows"):
-        build(PackConfig, {"shard_rows": 0}, "pack")
+        build(PackConfig, {"out_dir": "unused", "shard_rows": 0}, "pack")
     with pytest.raises(ParamsError, match="pack.compression: 'brotli' is not allowed"):
-        build(PackConfig, {"compression": "brotli"}, "pack")
+        build(PackConfig, {"out_dir": "unused", "compression": "brotli"}, "pack")
     with pytest.raises(ParamsError, match="pack.shards: unknown key"):
-        build(PackConfig, {"shards": 3}, "pack")
+        build(PackConfig, {"out_dir": "unused", "shards": 3}, "pack")

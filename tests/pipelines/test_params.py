@@ -60,3 +60,48 @@ def test_stage_fails_before_work_on_bad_params(tmp_path, raw_params):
     assert proc.returncode != 0
     assert "clean.no_such_threshold: unknown key" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["params.yaml"]  # nothing was written
+
+
+@pytest.fixture
+def as_dvc_stage(monkeypatch):
+    """Run as `dvc repro` runs a stage of this repository: DVC_ROOT and DVC_STAGE set."""
+    def enter(stage: str) -> None:
+        monkeypatch.setenv("DVC_ROOT", PROJECT_ROOT)
+        monkeypatch.setenv("DVC_STAGE", stage)
+    return enter
+
+
+def write_params(tmp_path, data: dict) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_an_input_missing_from_dvc_yaml_fails_naming_key_and_line(raw_params, tmp_path, as_dvc_stage):
+    data = copy.deepcopy(raw_params)
+    data["sources"].append({"name": "mine", "kind": "text", "format": "txt", "path": "corpora/mine"})
+    data["visual_tokenizer"]["pretrained"] = "weights/vqkd.pth"
+    as_dvc_stage("clean")
+    with pytest.raises(ParamsError, match=r"sources\[3\]\.path = 'corpora/mine'.*stage clean.*"
+                                          r"`- corpora/mine` under stages\.clean\.deps \(dvc\.yaml line \d+\)"):
+        load_params(write_params(tmp_path, data), stage="clean")
+    as_dvc_stage("visual_tokenizer")
+    with pytest.raises(ParamsError, match=r"visual_tokenizer\.pretrained = 'weights/vqkd\.pth'"):
+        load_params(write_params(tmp_path, data), stage="visual_tokenizer")
+    # stages that do not read those paths, and runs outside DVC, are not concerned
+    as_dvc_stage("pack")
+    load_params(write_params(tmp_path, data), stage="pack")
+
+
+def test_every_demo_input_is_a_declared_dep(raw_params, as_dvc_stage):
+    """The repository's own params.yaml passes the check of every stage that reads inputs."""
+    for stage in ("clean", "text_tokenizer", "visual_tokenizer", "evaluate"):
+        as_dvc_stage(stage)
+        load_params(os.path.join(PROJECT_ROOT, "params.yaml"), stage=stage)
+
+
+def test_uris_are_left_to_the_object_store(raw_params, tmp_path, as_dvc_stage):
+    data = copy.deepcopy(raw_params)
+    data["sources"].append({"name": "s3", "kind": "text", "format": "txt", "path": "s3://bucket/corpus"})
+    as_dvc_stage("clean")
+    load_params(write_params(tmp_path, data), stage="clean")

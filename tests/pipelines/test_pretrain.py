@@ -121,15 +121,19 @@ def test_text_chunks_keep_the_loss_and_gradients_of_one_block(tiny_corpus, tmp_p
 
 # ----------------------------------------------------------------------------- config and schedule
 
+# the required output paths, for configs built from a few keys
+PATHS = {"out_dir": "unused", "checkpoint_dir": "unused", "plots_path": "unused"}
+
+
 def test_config_checks_name_the_key(tmp_path):
     with pytest.raises(ParamsError, match=r"pretrain\.batch\.text.*divisible"):
         build(PretrainConfig, tiny_pretrain_params(str(tmp_path), num_workers=3), "pretrain")
     with pytest.raises(ParamsError, match=r"pretrain\.stepz: unknown key"):
-        build(PretrainConfig, {"stepz": 3}, "pretrain")
+        build(PretrainConfig, {**PATHS, "stepz": 3}, "pretrain")
     with pytest.raises(ParamsError, match=r"pretrain\.strategy"):
-        build(PretrainConfig, {"strategy": "zero3"}, "pretrain")
+        build(PretrainConfig, {**PATHS, "strategy": "zero3"}, "pretrain")
     with pytest.raises(ParamsError, match=r"pretrain\.masking"):
-        build(PretrainConfig, {"masking": {"text_ratio": 1.5}}, "pretrain")
+        build(PretrainConfig, {**PATHS, "masking": {"text_ratio": 1.5}}, "pretrain")
 
 
 def test_lr_is_scaled_warmed_up_and_decayed(tmp_path):

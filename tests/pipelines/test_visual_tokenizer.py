@@ -115,10 +115,10 @@ def test_read_images_dedups_and_counts_undecodable(tmp_path):
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ParamsError, match="visual_tokenizer.teacher_checkpoint"):
-        build(VisualTokenizerConfig, {"teacher": "vit"}, "visual_tokenizer")
+        build(VisualTokenizerConfig, {"out_dir": "unused", "teacher": "vit"}, "visual_tokenizer")
     with pytest.raises(ParamsError, match="visual_tokenizer.stepz: unknown key"):
-        build(VisualTokenizerConfig, {"stepz": 3}, "visual_tokenizer")
+        build(VisualTokenizerConfig, {"out_dir": "unused", "stepz": 3}, "visual_tokenizer")
     with pytest.raises(ParamsError, match="warmup_steps"):
-        build(VisualTokenizerConfig, {"steps": 10, "warmup_steps": 10}, "visual_tokenizer")
+        build(VisualTokenizerConfig, {"out_dir": "unused", "steps": 10, "warmup_steps": 10}, "visual_tokenizer")
     with pytest.raises(FileNotFoundError, match="no image"):
         train_visual_tokenizer(VisualTokenizerConfig(out_dir=str(tmp_path / "o")), str(tmp_path), RAY)

@@ -23,7 +23,7 @@ def upload(local_dir: str, uri: str) -> int:
 def use_s3_sources(project: str, prefix: str, params: dict) -> None:
     """Make the demo corpus here, upload it under ``prefix/sources``, and make the copy read it
     from there: params ``sources`` (merged with ``params``) and the clean stage's DVC
-    dependency (the s3:// sources themselves, in place of data/demo)."""
+    dependency (the s3:// sources themselves, in place of the demo folders)."""
     update_params(project, {**params, "sources": [{"name": n, "kind": k, "format": f, "path": f"{prefix}/sources/{d}"}
                                                   for n, k, f, d in SOURCES]})
     run(project, "dvc", "repro", "demo_data")
@@ -32,6 +32,6 @@ def use_s3_sources(project: str, prefix: str, params: dict) -> None:
     with open(os.path.join(project, "dvc.yaml")) as f:
         dvc = yaml.safe_load(f)
     deps = dvc["stages"]["clean"]["deps"]
-    dvc["stages"]["clean"]["deps"] = [d for d in deps if d != "data/demo"] + [f"{prefix}/sources"]
+    dvc["stages"]["clean"]["deps"] = [d for d in deps if not d.startswith("data/demo/")] + [f"{prefix}/sources"]
     with open(os.path.join(project, "dvc.yaml"), "w") as f:
         yaml.safe_dump(dvc, f, sort_keys=False)

@@ -35,7 +35,7 @@ def test_data_stages_on_s3_are_versioned_by_manifests(s3_env, tmp_path):
     prefix = f"s3://beit3/run-{uuid.uuid4().hex[:8]}"
     outs = {"clean": f"{prefix}/clean", "tokenize": f"{prefix}/tokenized", "pack": f"{prefix}/shards"}
     # DVC tracks the s3:// sources themselves as the clean stage's dependency
-    use_s3_sources(project, prefix, {**TINY_PARAMS, **{stage: {**TINY_PARAMS.get(stage, {}), "out_dir": uri}
+    use_s3_sources(project, prefix, {**TINY_PARAMS, **{stage: {**TINY_PARAMS.get(stage, {}), "remote_dir": uri}
                                                        for stage, uri in outs.items()}})
     with ray_head(num_cpus=TINY_PARAMS["ray"]["num_cpus"], cwd=project) as head:
         # one Ray for every stage run below: each stage joins it instead of starting its own

@@ -52,7 +52,7 @@ def test_dvc_repro_as_a_ray_job_joins_the_cluster_and_its_artifacts_come_back(s3
     # As on a real cluster, data lives on object storage (a task's relative path would resolve in
     # its worker's own directory). ray.address stays null: the job's RAY_ADDRESS decides.
     prefix = f"s3://beit3/job-{uuid.uuid4().hex[:8]}"
-    use_s3_sources(project, prefix, {**TINY_PARAMS, "clean": {**TINY_PARAMS["clean"], "out_dir": f"{prefix}/clean"}})
+    use_s3_sources(project, prefix, {**TINY_PARAMS, "clean": {**TINY_PARAMS["clean"], "remote_dir": f"{prefix}/clean"}})
     run(project, "dvc", "remote", "add", "s3", f"s3://beit3/dvc-job-{uuid.uuid4().hex[:8]}")
     run(project, "dvc", "remote", "modify", "s3", "endpointurl", s3_env["AWS_ENDPOINT_URL"])
     run(project, "git", "add", "-A")
