@@ -28,10 +28,11 @@ Bare loops (one process, one thread, this process's thread CPU time):
 
 Stage rates per core = units per CPU-second of the driver + its Ray workers (psutil,
 benchmarks.data_common). The first run of each corpus is "cold": Ray starts its worker
-processes and each imports pipelines, pyarrow, Pillow and scipy (~1 CPU-s), as every stage
+processes and each imports pipelines, pyarrow, Pillow and scipy, as every stage
 run does once. Idle workers are then kept (``KEEP_WORKERS``: Ray's defaults kill idle
 workers above num_cpus after 1 s, so each phase would start new ones), and the
-interleaved "warm" rounds give the cost per unit that a large corpus pays. Ray workers run at nice 0 as under a Ray Job (see benchmarks.tokenize_throughput).
+interleaved "warm" rounds give the cost per unit that a large corpus pays. Ray workers
+run at nice 0 as under a Ray Job (see benchmarks.tokenize_throughput).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Shared pieces of the data-stage benchmarks (clean, tokenize, growth): CPU time and
 memory of a whole process tree, and the demo-like images they run on.
 
-Why CPU time of the tree: the development machine is shared (load 20-40 on 2 cores),
-so wall-clock rates swing by 2-5x from one minute to the next. Worse, the kernel schedules
+Why CPU time of the tree: the development machine is shared and heavily loaded, so
+wall-clock rates swing widely from one minute to the next. Worse, the kernel schedules
 with autogroups (kernel.sched_autogroup_enabled = 1): every process of one session - a
 benchmark, its Ray daemons and workers - shares ONE fair slice of the CPUs against every
 other busy session, so on a busy machine 2 Ray workers get no more CPU than 1, and a

@@ -6,11 +6,12 @@
 Issue 7 item 6: 16x the data within 20x the time. Issue 8 item 5: each stage's peak memory
 at 10x within 1.3x of 1x. A demo corpus (pipelines.demo_data, no eval splits) of
 ``scale x (--pairs, --images, --docs)`` is generated per scale (untimed; text is capped by
-the ~4.8k stdlib docstrings), plus ``scale x --text-rows`` short synthetic text rows
+the number of stdlib docstrings), plus ``scale x --text-rows`` short synthetic text rows
 (JSONL, 5000 per file, ~1% exact and ~1% near copies): many cheap rows, so that any
-per-row state a stage keeps (in its driver or in one task) shows in its peak memory. The tokenizers are made once, untimed: sentencepiece trained
-on the 1x cleaned text, and a tiny VQ-KD with seeded random weights (tokenizing costs the
-same whatever the weights). Then each stage runs, scale by scale, as its own process
+per-row state a stage keeps (in its driver or in one task) shows in its peak memory. The
+tokenizers are made once, untimed: sentencepiece trained on the 1x cleaned text, and a
+tiny VQ-KD with seeded random weights (tokenizing costs the same whatever the weights).
+Then each stage runs, scale by scale, as its own process
 (``python -m benchmarks.growth --child STAGE ...``), which calls the pipelines function
 exactly as stages/<name>.py does and starts its own local Ray, as ``dvc repro`` would.
 

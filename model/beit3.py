@@ -22,8 +22,8 @@ def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """Normal(0, std) truncated to +-2 std by the inverse CDF.
 
     Same distribution as torch.nn.init.trunc_normal_(std=std, a=-2std, b=2std),
-    whose rejection loop is ~10x slower on the CPU (seconds for a 64010-row
-    text table); pretraining heads can use it too.
+    without its rejection loop, which is slow on the CPU for tables as large as
+    the 64010-row text embedding; pretraining heads can use it too.
     """
     bound = math.erf(2.0 / math.sqrt(2.0))  # CDF mass within +-2 std, mapped to [-1, 1]
     tensor.uniform_(-bound, bound).erfinv_().mul_(std * math.sqrt(2.0))

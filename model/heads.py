@@ -1,8 +1,8 @@
 """Pretraining heads: project hidden states at masked positions only to vocabulary logits.
 
 Gathering the masked rows before the projection is what makes the heads cheap: the text head
-is dim x 64010, so projecting every position would cost ~6x more (15% text masking) in the
-largest matmul of the step and in its logits memory.
+is dim x 64010, so projecting every position would cost about 1 / 0.15 times more (15% text
+masking) in the largest matmul of the step and in its logits memory.
 
 Bias: off by default. The issue's reference counts (base 276.4M, large 746.6M with both
 heads) are backbone + dim*64010 + dim*8192 exactly; with biases they would be 276.5M/746.7M.

@@ -18,8 +18,9 @@ store at most ``in_memory_mb`` of ordered parts):
    part (zero-copy slices of the stored objects, or its batch of each spill
    file), sort by position, write the Parquet shard atomically (temp + rename).
    Train and val shards are gathered together, one task per logical CPU in
-   flight. (In memory, the spill round trip and its per-shard file opens were
-   ~17% of the tasks' time on the pack benchmark, py-spy.)
+   flight. (Small inputs stay in memory because the spill round trip and its
+   per-shard file opens are a noticeable share of the tasks' time; larger ones
+   spill so that memory stays bounded.)
 
 Same inputs + params -> same plan -> byte-identical shards and manifest.
 Resume: each finished shard is recorded (path, rows, bytes, sha256) in

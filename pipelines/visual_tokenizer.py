@@ -51,8 +51,8 @@ class VisualTokenizerConfig:
     holdout: int = 300                     # images kept out of training for the codebook metrics
     max_images: int = 50000                # training images held in memory (uint8)
     probe_dir: str | None = "data/demo/eval/classification"  # ImageFolder; null: no probe
-    num_threads: int = 1                   # torch threads in the training task (2 gains ~1.4x on idle
-                                           # cores but stalls badly when they are shared)
+    num_threads: int = 1                   # torch threads in the training task (more help only on
+                                           # idle cores and stall badly when they are shared)
     teacher_cache_mb: int = 1024           # precompute teacher targets once if they fit (0: never)
     num_gpus: float = 0.0
 

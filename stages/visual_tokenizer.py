@@ -1,4 +1,5 @@
-"""dvc stage `visual_tokenizer`: load params once, run pipelines.visual_tokenizer, write metrics/visual_tokenizer.json."""
+"""dvc stage `visual_tokenizer`: load params once, run pipelines.visual_tokenizer, write
+metrics/visual_tokenizer.json."""
 from pipelines.common.metrics import write_metrics
 from pipelines.params import load_params
 from pipelines.visual_tokenizer import train_visual_tokenizer

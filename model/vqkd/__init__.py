@@ -14,6 +14,11 @@ Inference (``codes``) reproduces the reference ``get_codebook_indices``:
 x in [0, 1] -> x*255/127.5 - 1 -> encoder patch tokens through fc_norm ->
 float32 task layer -> l2-normalise -> argmin of the squared distance to the
 codebook rows. Training lives in model/vqkd/train.py.
+
+Modules: vit.py (the BEiT-style ViT of the encoder, decoder and ViT teacher), teachers.py
+(HOG and frozen-ViT teachers), train.py (k-means init, EMA codebook, dead-code restarts,
+the training loop, code metrics); this module holds the VQKD model, its quantizer and its
+checkpoint I/O.
 """
 from __future__ import annotations
 

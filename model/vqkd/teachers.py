@@ -33,8 +33,8 @@ class HOGTeacher(nn.Module):
     The patch descriptor (3 * cells^2 * bins values) is l2-normalised *jointly* over
     the three channels, so which channels carry an edge (i.e. its colours) survives.
     The weight of a patch is its descriptor norm before normalisation plus ``floor``
-    (a strong edge scores ~0.3): flat patches (most of a simple scene's background)
-    teach almost nothing and barely count.
+    (small next to a strong edge's norm): flat patches (most of a simple scene's
+    background) teach almost nothing and barely count.
     """
 
     def __init__(self, patch_size: int = 16, cells: int = 2, bins: int = 9, floor: float = 0.002):
@@ -71,7 +71,8 @@ class HOGTeacher(nn.Module):
         frac = pos - lo
         lo = lo.long() % nb
         # Soft-bin every pixel straight into its (image, channel, bin, cell) slot with
-        # bincount: ~3x cheaper on CPU than a (B, 3, bins, H, W) scatter or grouped conv.
+        # bincount: no (B, 3, bins, H, W) intermediate, so cheaper on CPU than a scatter or
+        # grouped conv over one.
         ch, cw = H // cell, W // cell
         rows = torch.arange(H, device=x.device).div(cell, rounding_mode="floor")
         cols = torch.arange(W, device=x.device).div(cell, rounding_mode="floor")

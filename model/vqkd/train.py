@@ -174,7 +174,8 @@ def precompute_targets(teacher: torch.nn.Module, images: torch.Tensor,
                        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher outputs for every image once: uint8 or [0, 1] float (M, 3, S, S) ->
     (targets float16 (M, N, D), weights (M, N) or None). Worth it when the teacher
-    is deterministic and the images are not augmented (HOG costs ~1/3 of a tiny step)."""
+    is deterministic and the images are not augmented (a HOG teacher is a large share of
+    a tiny model's step)."""
     targets, weights = [], []
     for i in range(0, len(images), chunk):
         x = images[i:i + chunk]

@@ -18,9 +18,9 @@ never O(rows):
    rows (the map's and dedup's, merged by order) to ``out_dir/rejected/``. Parts
    close at ``part_rows`` rows or ``part_bytes`` bytes, encoded as they fill and
    written atomically (pipelines.clean.parts). Output keeps input order, as
-   datatrove and NeMo Curator do: a global sort by id moved every image through
-   Ray's object store a second time and cost more than cleaning small images;
-   pack shuffles anyway. (At cluster scale this pass is the driver's only byte
+   datatrove and NeMo Curator do: a global sort by id would move every image
+   through Ray's object store a second time, at more cost than cleaning small
+   images; pack shuffles anyway. (At cluster scale this pass is the driver's only byte
    copy: read, filter, write; to parallelise it, cut parts per group of chunks
    in Ray tasks and number them afterwards.)
 
@@ -31,6 +31,11 @@ is written under a temporary sibling name and renamed into place at the end,
 so an interrupted run never leaves a half-written ``out_dir`` behind; the work
 folder sits beside it (``<out_dir>.tmp-*-work``, cleared by the next run if this
 one is killed).
+
+Modules: sources.py (source declarations, units, readers), archive.py (safe tar streaming),
+rejects.py (Reject, run_steps, content ids), text_filters.py / image_filters.py (the per-row
+steps), rows.py (the map task that spills rows), dedup.py (dedup rules), dedup_shards.py
+(sharded dedup tasks), parts.py (bounded output parts); this module drives the stage.
 """
 from __future__ import annotations
 
@@ -110,7 +115,7 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
     staging = storage.staging_dir(cfg.data_dir)
     work = _work_dir(staging, cfg.data_dir)
     try:
-        rules = cfg.near_rules()  # LSH band sizes: ~30 ms of numeric integration, computed once
+        rules = cfg.near_rules()  # LSH band sizes: a numeric integration, so computed once
         with ray_session(ray_cfg) as ray:
             chunks = _map_rows(ray, units, sources, cfg, rules, work, ray_cfg)
             dropped = _dedup(ray, chunks, cfg, rules, work, ray_cfg)
@@ -130,7 +135,7 @@ def _work_dir(staging: str, out_dir: str) -> str:
 
 def _map_rows(ray, units, sources, cfg, rules: NearRules, work, ray_cfg) -> list[dict]:
     """The per-row map as plain Ray tasks, one per block of consecutive units (as pack; Ray
-    Data's executor cost the driver ~0.1 CPU-s per second of the map, and nothing comes back
+    Data's executor costs the driver CPU for as long as the map runs, and nothing comes back
     but chunk summaries); prints progress every ray.progress_log_s. Returns the spilled
     chunks' summaries in input order."""
     cpus = cluster_cpus(ray)
@@ -151,7 +156,7 @@ def _map_rows(ray, units, sources, cfg, rules: NearRules, work, ray_cfg) -> list
 
 def _map_blocks(units: int, cpus: int) -> int:
     """Map tasks: UNITS_PER_BLOCK units each (every task's chunk is read again by every
-    dedup shard and by the writer, ~1 ms each), but at least BLOCKS_PER_CPU per CPU while
+    dedup shard and by the writer, at a fixed cost per read), but at least BLOCKS_PER_CPU per CPU while
     units last (balance, progress), and at most MAX_BLOCKS."""
     return max(1, min(units, MAX_BLOCKS, max(BLOCKS_PER_CPU * cpus, math.ceil(units / UNITS_PER_BLOCK))))
 

@@ -18,7 +18,7 @@ bytes decode to exactly the hashed pixels, later stages never stack JPEG
 generations, and zlib at a fixed level and strategy (run-length, see
 PNG_STRATEGY) is deterministic (byte-identical files for the same inputs).
 ``encode: jpeg`` (fixed quality, 4:2:0, no optimiser passes, also
-deterministic) trades that for ~3x smaller photos. Readers take either
+deterministic) trades that for much smaller photos. Readers take either
 format (any Pillow reader does; the clean parts hold no format column).
 """
 from __future__ import annotations
@@ -37,10 +37,11 @@ from pipelines.common.configs import check
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 WHITE = (255, 255, 255, 255)
 THUMB_SIZE = (8, 8)
-PHASH_REDUCING_GAP = 3.0  # phash64: box-reduce first only above 3 x 32 px (the demo's 96 px images: exact imagehash bits)
-# zlib's run-length strategy (Z_RLE): 2.5-5x faster than Pillow's default filtered strategy
-# and no larger here (96 px scenes 5.9 KB either way, 512 px photos 92 vs 97 KB); at the
-# default the PNG encode was 75-90% of the per-image cost of the clean stage.
+# phash64: box-reduce first only above 3 x 32 px (the demo's 96 px images: exact imagehash bits)
+PHASH_REDUCING_GAP = 3.0
+# zlib's run-length strategy (Z_RLE): much faster than Pillow's default filtered strategy and
+# no larger on scenes or photos; at the default the PNG encode would dominate the per-image
+# cost of the clean stage.
 PNG_STRATEGY = 3
 # Stored as they came when nothing changes (keep_original); others are re-encoded.
 KEEP_FORMATS = ("JPEG", "PNG")
@@ -117,14 +118,15 @@ def open_checked(data: bytes, cfg: ImageFilterConfig) -> tuple[bytes, Image.Imag
 def decode(opened: tuple[bytes, Image.Image], cfg: ImageFilterConfig) -> tuple[bytes, Image.Image]:
     """PNG: verify() (chunk CRCs) on one handle, then a full decode on a fresh one. Pillow's
     verify() checks nothing for the other formats (it only closes the file), so they are
-    decoded on the handle already open: a second header parse cost ~0.2 ms per small JPEG."""
+    decoded on the handle already open: a second header parse is a noticeable part of a small
+    JPEG's cost."""
     data, im = opened
     try:
         if im.format == "PNG":
             im.verify()
             im = _open(data)
         if im.format == "JPEG" and max(im.size) > 2 * cfg.max_side:
-            im.draft(im.mode, _fit(im.size, cfg.max_side))  # DCT-domain downscale: 4-5x faster
+            im.draft(im.mode, _fit(im.size, cfg.max_side))  # DCT-domain downscale: decodes a fraction of the pixels
         im.load()
     except Exception as err:  # noqa: BLE001
         reason = "truncated_image" if "truncat" in str(err).lower() else "corrupt_image"
@@ -201,10 +203,10 @@ def encode(rgb: tuple[bytes | None, Image.Image], cfg: ImageFilterConfig) -> Cle
 def phash64(im: Image.Image) -> int:
     """imagehash.phash(im) (hash_size 8, highfreq_factor 4) as a 64-bit int, bits in row-major
     order: the same operations in the same order, so the same bits, without its per-call
-    overhead (ImageHash object, np.median's checks; ~40% of its cost on a 96 px image).
+    overhead (ImageHash object, np.median's checks: much of its cost on a small image).
     One difference: an image over PHASH_REDUCING_GAP x 32 px is first box-reduced by an
-    integer factor (Pillow's ``reducing_gap``): 3x faster on a 512 px image, a few bits
-    differ from imagehash's there (near duplicates stay near); smaller ones are unchanged."""
+    integer factor (Pillow's ``reducing_gap``), so LANCZOS runs on far fewer pixels; a few
+    bits differ from imagehash's there (near duplicates stay near); smaller ones are unchanged."""
     import scipy.fftpack
 
     small = im.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=PHASH_REDUCING_GAP)

@@ -37,7 +37,8 @@ ROW_SCHEMA = pa.schema([
 ])
 FLUSH_ROWS = {"text": 1024, "image": 64, "pair": 64}
 CHUNK_BYTES = 8 * 2**20         # encoded bytes after which a spilled chunk is closed: every later phase
-                                # holds one decoded chunk (a text row with its MinHash is ~1.3 KB)
+                                # holds one decoded chunk (a text row's MinHash alone is 8 bytes x
+                                # clean.text.minhash_perms)
 ORDER_BITS = (10, 24, 29)       # bits of source, unit, row in ``order``
 
 
@@ -61,8 +62,8 @@ def map_units(units: list[dict], shared: tuple) -> list[dict]:
     """Ray task: ``units`` ({source_idx, unit_idx, files}), consecutive in input order, and
     ``shared`` = (sources, CleanConfig, NearRules, work folder); spills every row and returns
     one summary per chunk written: {path, first_order, source_idx, rows, kept, bytes}. A
-    chunk spans units of one source (few, large files: every later phase pays ~1 ms per
-    chunk read)."""
+    chunk spans units of one source (few, large files: every later phase pays a fixed cost
+    per chunk read)."""
     sources, cfg, rules, work = shared
     limits = ReadLimits(max_file_bytes=int(cfg.max_file_mb * 2**20), max_line_bytes=cfg.max_line_bytes)
     written, spill = [], None

@@ -98,7 +98,7 @@ def _pythonpath(root: str) -> str:
 def cluster_cpus(ray) -> int:
     """Logical CPUs of the cluster: the in-flight limit of :func:`bounded_tasks` (one task per
     CPU bounds memory, and Ray reuses its idle worker processes instead of starting one per
-    fractional-CPU slot: each start re-imports the stage's libraries, ~1 CPU-s)."""
+    fractional-CPU slot: each start re-imports the stage's libraries)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -1,6 +1,6 @@
 """Stage outputs on object storage, versioned through a small local manifest.
 
-DVC 3 no longer caches external outputs, so a stage that writes its data to
+DVC 3 does not cache external outputs, so a stage that writes its data to
 object storage (``remote_dir: s3://bucket/run/shards``, see :class:`StageOutput`)
 cannot hand its files to DVC. Instead the stage's DVC-tracked output (its local
 ``out_dir``) holds one file, ``remote.json``:

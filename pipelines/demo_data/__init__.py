@@ -18,6 +18,9 @@ name), and no scene's pixels are ever written twice, so the held-out
 evaluation scenes never repeat a training pair or image. Encoders, member
 order, tar headers and JSON key order are fixed: the same config gives
 byte-identical files on every run.
+
+Modules: scenes.py (one shape scene, its labels and caption, from an RNG), text.py (stdlib
+docstrings as documents); this module writes every output and the manifest.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ class DemoDataConfig:
     image_size: int = 96
     num_pairs: int = 3000
     num_images: int = 1000
-    max_text_docs: int = 20000        # cap; the stdlib gives ~5k documents
+    max_text_docs: int = 20000        # cap; above the stdlib's count, so the demo keeps them all
     num_retrieval_train: int = 1000
     num_retrieval_test: int = 500
     num_probe_train: int = 600        # single-object scenes, label = shape

@@ -9,6 +9,9 @@ Everything runs in one Ray task (one GPU with evaluate.use_gpu):
 3. linear probe on frozen image features of an ImageFolder (pipelines.evaluate.probe);
 (2) and (3) twice: for the pretrained backbone and for a randomly initialised one of the
 same shape with the same budget, data order and head initialisation.
+
+Modules: retrieval.py (retrieval heads, contrastive fine-tune, recall@k), probe.py (frozen
+image features for the linear probe); this module runs masked prediction and the whole stage.
 """
 from __future__ import annotations
 

@@ -7,6 +7,11 @@ and exports the final checkpoint. Resuming is Ray Train V2's: the same
 pick the latest up with ``ray.train.get_checkpoint()``; the data order is a
 function of the step (pipelines.pretrain.data), so a resumed run continues at
 the exact next sample and repeats the uninterrupted run's loss curve.
+
+Modules: data.py (sample order over the shards, per-sample masks, length-sorted text
+pieces, prefetch), loop.py (the per-worker training loop), wrapping.py (per-layer
+torch.compile, then DDP / FSDP2), checkpoints.py (the files of one training checkpoint);
+this module is the driver and the config.
 """
 from __future__ import annotations
 

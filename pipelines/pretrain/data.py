@@ -154,7 +154,7 @@ def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[
 def split_text_part(batch: MixedBatch, masks: PretrainMasks, chunks: int) -> list[tuple[MixedBatch, PretrainMasks]]:
     """[(text chunk, its masks)..., (image + pair parts, their masks)]: the text part cut into
     ``chunks`` length-sorted pieces, each padded to its own longest text. Texts vary a lot in
-    length (demo: median 29, max 256 tokens), so one padded block wastes ~4x the positions."""
+    length, so one block padded to the longest would spend most of its positions on padding."""
     rest = {name: getattr(batch, name) for name in ("image", "pair") if getattr(batch, name) is not None}
     rest_masks = PretrainMasks(image=masks.image, pair_text=masks.pair_text, pair_image=masks.pair_image)
     pieces = [(MixedBatch(**rest), rest_masks)] if rest else []

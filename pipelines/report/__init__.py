@@ -12,6 +12,9 @@ there are no scripts and no external requests. It holds no timestamp, so the sam
 inputs give the same bytes. An input that is missing (a partial run) leaves its
 section with a visible note and is listed in the returned metrics, never skipped
 silently.
+
+Modules: charts.py (inline SVG charts and HTML helpers); this module reads the inputs and
+builds the page.
 """
 from __future__ import annotations
 
