@@ -10,7 +10,7 @@ every run masks the same positions).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,9 +182,13 @@ class PretrainTask(nn.Module):
             self._score("pair_mim", self.heads.image(hidden[:, 1:split], image_mask),
                         part.visual_tokens[image_mask], out)
 
-    def forward(self, batch: MixedBatch, generator: Generator = None, masks: PretrainMasks | None = None) -> TaskOutput:
+    def forward(self, batch: MixedBatch, generator: Generator = None, masks: PretrainMasks | None = None,
+                part_weights: Mapping[str, float] | None = None) -> TaskOutput:
         """batch: any of text / image / pair; masks: precomputed (e.g. by a data loader's
-        Masker), else built here from `generator` (a torch.Generator, an int seed or None)."""
+        Masker), else built here from `generator` (a torch.Generator, an int seed or None).
+        part_weights: the loss is sum(weight * part loss) instead of the mean over parts, so
+        a batch cut into pieces (micro-batches, text chunks) can add up to the whole batch's
+        loss: weight = the piece's masked count / the batch's count / the batch's parts."""
         masks = self.masker(batch, generator) if masks is None else masks
         _check_masks(batch, masks)
         out = {"losses": {}, "accuracies": {}, "counts": {}}
@@ -195,7 +199,9 @@ class PretrainTask(nn.Module):
         if batch.pair is not None:
             self._pair(batch.pair, masks.pair_text, masks.pair_image, out)
         losses = out["losses"]
-        if losses:
+        if losses and part_weights is not None:
+            loss = sum(v * part_weights.get(k, 0.0) for k, v in losses.items())
+        elif losses:
             loss = torch.stack(list(losses.values())).mean()
         else:  # nothing masked anywhere: a zero that still backpropagates (to no effect)
             loss = sum(p.sum() for p in self.heads.parameters()) * 0.0

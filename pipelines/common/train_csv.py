@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 from model.task import PART_KEYS
 
@@ -16,10 +17,11 @@ def read_csv(path: str) -> list[dict]:
         return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict], header: bool = True) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
     return buf.getvalue()
@@ -31,3 +33,21 @@ def _fmt(v) -> str:
     if float(v).is_integer() and abs(v) < 1e15:
         return str(int(v))
     return f"{v:.8g}"
+
+
+class LiveCSV:
+    """The training log as it grows: rows appended as steps finish, so `dvc plots show`
+    during a run draws what is done so far. Local paths only (object stores cannot append);
+    the driver writes the complete file atomically when the run ends."""
+
+    def __init__(self, path: str | None, history: list[dict]):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w") as f:  # a resumed run restarts the file at its checkpoint
+                f.write(csv_text(history))
+
+    def append(self, row: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(csv_text([row], header=False))

@@ -40,7 +40,7 @@ from pipelines.common.train_csv import CSV_FIELDS, csv_text, read_csv
 RUNTIME_FIELDS = frozenset({
     "out_dir", "checkpoint_dir", "plots_path", "keep_checkpoints", "num_workers", "use_gpu",
     "cpus_per_worker", "threads_per_worker", "strategy", "compile", "activation_checkpointing",
-    "checkpoint_every", "log_every", "log_samples", "text_chunks",
+    "checkpoint_every", "log_every", "log_samples", "text_chunks", "grad_accum_steps",
 })
 
 
@@ -106,6 +106,7 @@ class PretrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     text_chunks: int = 4  # the text part runs as this many length-sorted pieces (less padding)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: the global batch needn't fit at once
     checkpoint_every: int = 100
     checkpoint_dir: str = field(kw_only=True)  # Ray Train storage_path
     keep_checkpoints: int = 2
@@ -133,9 +134,13 @@ class PretrainConfig:
         check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints: must be >= 1")
         check(self.log_every >= 1, "pretrain.log_every: must be >= 1")
         check(self.text_chunks >= 1, "pretrain.text_chunks: must be >= 1")
+        check(self.grad_accum_steps >= 1, "pretrain.grad_accum_steps: must be >= 1")
         for m, n in self.batch.as_dict().items():
             check(n % self.num_workers == 0,
                   f"pretrain.batch.{m}: {n} is not divisible by pretrain.num_workers={self.num_workers}")
+            check(n % (self.num_workers * self.grad_accum_steps) == 0,
+                  f"pretrain.batch.{m}: {n} is not divisible by num_workers x grad_accum_steps = "
+                  f"{self.num_workers * self.grad_accum_steps} (equal micro-batches)")
 
     @property
     def peak_lr(self) -> float:
@@ -198,6 +203,7 @@ def make_job(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: str) -> d
         raise ValueError(f"{shards_dir}/manifest.json names no visual codebook size "
                          "(tokenizers.visual.n_codes); set pretrain.model.visual_vocab_size")
     job = {"cfg": cfg, "index": index, "run_name": cfg.run_name(index, tokenizer.sha256),
+           "live_csv": None if storage.is_uri(cfg.plots_path) else absolute(cfg.plots_path),
            "text": {"vocab_size": tokenizer.vocab_size, **tokenizer.special_ids},
            "visual_vocab_size": int(vocab)}
     text_sha = ((manifest.get("tokenizers") or {}).get("text") or {}).get("sha256")

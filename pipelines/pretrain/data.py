@@ -23,6 +23,7 @@ checkpoint at step ``t`` continues at the exact next sample, and 1 worker and
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -151,6 +152,42 @@ def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[
     return PretrainMasks(**out)
 
 
+def part_counts(masks: PretrainMasks) -> dict[str, int]:
+    """Masked positions of each part key (model.task.PART_KEYS) the masks select."""
+    def total(x) -> int:
+        return int(x.sum()) if x is not None else 0
+    return {"text_mlm": total(masks.text.selected if masks.text else None), "image_mim": total(masks.image),
+            "pair_mlm": total(masks.pair_text.selected if masks.pair_text else None),
+            "pair_mim": total(masks.pair_image)}
+
+
+def split_micro_batches(batch: MixedBatch, masks: PretrainMasks, k: int) -> list[tuple[MixedBatch, PretrainMasks]]:
+    """The step's batch as ``k`` micro-batches: micro-batch j holds the j-th contiguous slice
+    of every part's rows, with the slices of its masks (drawn for the whole batch, so the
+    masks and the data order do not depend on k)."""
+    if k == 1:
+        return [(batch, masks)]
+    names = [n for n in ("text", "image", "pair") if getattr(batch, n) is not None]
+    slices = {n: torch.tensor_split(torch.arange(getattr(batch, n).batch_size), k) for n in names}
+    out = []
+    for j in range(k):
+        parts = {n: _rows(getattr(batch, n), slices[n][j]) for n in names if len(slices[n][j])}
+        if not parts:
+            continue
+        keep = lambda mask, n: _rows(mask, slices[n][j]) if n in parts and mask is not None else None  # noqa: E731
+        out.append((MixedBatch(**parts), PretrainMasks(text=keep(masks.text, "text"), image=keep(masks.image, "image"),
+                                                       pair_text=keep(masks.pair_text, "pair"),
+                                                       pair_image=keep(masks.pair_image, "pair"))))
+    return out
+
+
+def _rows(value, rows: torch.Tensor):
+    """The given rows of a part (TextPart, ImagePart, PairPart), a TextMask or a mask tensor."""
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    return type(value)(**{f.name: getattr(value, f.name)[rows] for f in dataclasses.fields(value)})
+
+
 def split_text_part(batch: MixedBatch, masks: PretrainMasks, chunks: int) -> list[tuple[MixedBatch, PretrainMasks]]:
     """[(text chunk, its masks)..., (image + pair parts, their masks)]: the text part cut into
     ``chunks`` length-sorted pieces, each padded to its own longest text. Texts vary a lot in
@@ -208,5 +245,6 @@ class StepLoader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["ModalityOrder", "worker_positions", "MixedStream", "step_masks", "split_text_part",
+__all__ = ["ModalityOrder", "worker_positions", "MixedStream", "step_masks", "part_counts",
+           "split_micro_batches", "split_text_part",
            "count_tokens", "StepLoader"]

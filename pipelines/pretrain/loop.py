@@ -26,9 +26,10 @@ from model.optim import param_groups, warmup_cosine
 from model.task import PART_KEYS
 from pipelines.common import task_files
 from pipelines.common.seeding import mix_seed
+from pipelines.common.train_csv import LiveCSV
 from pipelines.pretrain.checkpoints import TrainingState, full_state, restore_checkpoint, write_checkpoint
-from pipelines.pretrain.data import MixedStream, StepLoader, split_text_part
-from pipelines.pretrain.wrapping import distributed, wrap_model
+from pipelines.pretrain.data import MixedStream, StepLoader, part_counts, split_micro_batches, split_text_part
+from pipelines.pretrain.wrapping import distributed, gradient_sync, wrap_model
 
 
 def lr_at(step: int, cfg) -> float:
@@ -77,11 +78,13 @@ class PretrainLoop:
             params = sum(p.numel() for p in self.task.parameters())
             log(f"pretrain: run {self.job['run_name']}: {params / 1e6:.1f}M parameters, {cfg.steps} steps of "
                 f"{cfg.batch.as_dict()} on {self.world_size} worker(s), peak lr {cfg.peak_lr:.3g}")
+        live = LiveCSV(self.job.get("live_csv") if self.rank == 0 else None, self.history)
         try:
             while self.step < cfg.steps:
                 row = self._train_step(self.step)
                 self.step += 1
                 self.history.append(row)
+                live.append(row)
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     log(log_line(row, cfg.steps))
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
@@ -92,16 +95,22 @@ class PretrainLoop:
     def _train_step(self, step: int) -> dict:
         cfg, started = self.cfg, time.perf_counter()
         batch, masks, ids, tokens = self.loader.get(step, cfg.steps)
-        batch, masks = batch.to(self.device), masks.to(self.device)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(mix_seed(cfg.seed, step, self.rank))  # drop path
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
             if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext()
-        with autocast:
-            loss, outs = self.model(split_text_part(batch, masks, cfg.text_chunks))
-        loss.backward()
+        step_counts, outs = part_counts(masks), []
+        micro_batches = split_micro_batches(batch, masks, cfg.grad_accum_steps)
+        for j, (micro, micro_masks) in enumerate(micro_batches):
+            pieces = [(b.to(self.device), m.to(self.device))
+                      for b, m in split_text_part(micro, micro_masks, cfg.text_chunks)]
+            # gradients are all-reduced once, after the last micro-batch's backward
+            with gradient_sync(self.model, j == len(micro_batches) - 1), autocast:
+                loss, piece_outs = self.model(pieces, step_counts)
+            loss.backward()
+            outs += piece_outs
         grad_norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -157,12 +166,14 @@ class PretrainLoop:
 
 
 class StepModule(torch.nn.Module):
-    """A training step's forward as one module call, so DDP / FSDP see one forward and one
-    backward per step even though the text part runs as several length-sorted pieces.
+    """A micro-batch's forward as one module call, so DDP / FSDP see one forward and one
+    backward per micro-batch even though the text part runs as several length-sorted pieces.
 
     Registers the task's backbone and heads under the task's own names (the state dict is
-    the PretrainTask's). The loss is PretrainTask's: the mean over the parts present of each
-    part's mean cross-entropy; the text part's mean is recombined from its pieces by count.
+    the PretrainTask's). The loss is PretrainTask's over the whole step: the mean over the
+    parts present of each part's mean cross-entropy, each piece weighting its parts by its
+    share of the step's masked positions (``totals``), so the micro-batches' losses add up
+    to the loss of the step's batch taken at once.
     """
 
     def __init__(self, task: torch.nn.Module):
@@ -170,19 +181,17 @@ class StepModule(torch.nn.Module):
         self.model, self.heads = task.model, task.heads
         object.__setattr__(self, "task", task)  # a plain reference: parameters registered once
 
-    def forward(self, pieces: list) -> tuple[torch.Tensor, list]:
-        outs = [self.task(batch, masks=masks) for batch, masks in pieces]
-        text = [(out.loss, float(out.counts["text_mlm"])) for out in outs if "text_mlm" in out.counts]
-        others = [out for out in outs if "text_mlm" not in out.counts]
-        text_total = sum(n for _, n in text)
-        terms = [out.loss * len(out.losses) for out in others]  # a piece's loss = mean over its parts
-        parts = sum(len(out.losses) for out in others)
-        if text_total:
-            terms.append(sum(loss * (n / text_total) for loss, n in text))
-            parts += 1
-        if not parts:  # nothing masked anywhere: the task's zero, still connected to the graph
-            return sum(out.loss for out in outs), outs
-        return sum(terms) / parts, outs
+    def forward(self, pieces: list, totals: dict[str, int] | None = None) -> tuple[torch.Tensor, list]:
+        """pieces: [(MixedBatch, PretrainMasks)]; totals: masked positions per part key of the
+        whole step (default: of these pieces)."""
+        counts = [part_counts(masks) for _, masks in pieces]
+        totals = totals or {k: sum(c[k] for c in counts) for k in PART_KEYS}
+        present = sum(1 for n in totals.values() if n)
+        outs = []
+        for (batch, masks), count in zip(pieces, counts):
+            weights = {k: n / totals[k] / present for k, n in count.items() if n}
+            outs.append(self.task(batch, masks=masks, part_weights=weights))
+        return sum(out.loss for out in outs), outs
 
 
 def log(line: str) -> None:

@@ -2,6 +2,8 @@
 per-layer torch.compile, then DDP or FSDP2 when a process group is up."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -32,3 +34,14 @@ def wrap_model(module: torch.nn.Module, layers, cfg, device: torch.device) -> to
     unused = min(cfg.batch.as_dict().values()) == 0
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """A context in which backward all-reduces gradients only when ``enabled``: off for
+    every micro-batch but a step's last (DDP's no_sync, FSDP2's requires_gradient_sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
