@@ -40,7 +40,7 @@ from pipelines.common.train_csv import CSV_FIELDS, csv_text, read_csv
 RUNTIME_FIELDS = frozenset({
     "out_dir", "checkpoint_dir", "plots_path", "keep_checkpoints", "num_workers", "use_gpu",
     "cpus_per_worker", "threads_per_worker", "strategy", "compile", "activation_checkpointing",
-    "checkpoint_every", "log_every", "log_samples", "text_chunks", "grad_accum_steps",
+    "checkpoint_every", "log_every", "log_samples", "text_chunks", "grad_accum_steps", "max_failures",
 })
 
 
@@ -110,6 +110,7 @@ class PretrainConfig:
     checkpoint_every: int = 100
     checkpoint_dir: str = field(kw_only=True)  # Ray Train storage_path
     keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     plots_path: str = field(kw_only=True)
     log_every: int = 10
     log_samples: bool = False  # record every step's sample ids (audits, resume tests)
@@ -132,6 +133,7 @@ class PretrainConfig:
               "pretrain.threads_per_worker: must be >= 1 or null")
         check(self.checkpoint_every >= 1, "pretrain.checkpoint_every: must be >= 1")
         check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints: must be >= 1")
+        check(self.max_failures >= -1, "pretrain.max_failures: must be >= 0 (or -1: retry forever)")
         check(self.log_every >= 1, "pretrain.log_every: must be >= 1")
         check(self.text_chunks >= 1, "pretrain.text_chunks: must be >= 1")
         check(self.grad_accum_steps >= 1, "pretrain.grad_accum_steps: must be >= 1")
@@ -242,7 +244,7 @@ def _fit(cfg: PretrainConfig, job: dict, name: str):
             name=name,
             storage_path=absolute(cfg.checkpoint_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     return trainer.fit()

@@ -237,7 +237,11 @@ def _project(root, corpus: dict, name: str) -> str:
 
 def _committed_step(project: str) -> int:
     """The step of the run's latest checkpoint that Ray Train has committed (0 if none)."""
-    base = os.path.join(project, "checkpoints")
+    return _committed_in(os.path.join(project, "checkpoints"))
+
+
+def _committed_in(base: str) -> int:
+    """The latest committed checkpoint's step of the run(s) under a checkpoint_dir (0 if none)."""
     for run in os.listdir(base) if os.path.isdir(base) else []:
         try:
             with open(os.path.join(base, run, "checkpoint_manager_snapshot.json")) as f:
@@ -373,3 +377,51 @@ def test_the_training_log_grows_while_the_run_trains(tiny_corpus, tmp_path):
     assert [len(seen[3]), len(seen[6])] == [3, 6]
     assert [r["step"] for r in seen[6]] == [1, 2, 3, 4, 5, 6] and seen[6][:3] == seen[3]
     assert all(r["loss"] is not None and r["lr"] > 0 for r in seen[6])
+
+
+def _kill_a_train_worker_after(checkpoint_dir: str, step: int, timeout: float = 300.0) -> dict:
+    """In a thread: once Ray Train has committed the checkpoint of ``step``, SIGKILL one Ray
+    Train worker process; the returned dict gets its pid."""
+    import threading
+
+    import psutil
+
+    killed = {}
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if _committed_in(checkpoint_dir) >= step:
+                # this session's Ray runs under this process: never touch another run's workers
+                for proc in psutil.Process().children(recursive=True):
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed["pid"] = proc.pid
+                        return
+            time.sleep(0.02)
+
+    killed["thread"] = threading.Thread(target=watch, daemon=True)
+    killed["thread"].start()
+    return killed
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny_corpus, tmp_path, ray_local):
+    """pretrain.max_failures: Ray Train replaces a SIGKILLed worker and resumes from the last
+    checkpoint by itself; the finished run's curve is the uninterrupted run's (the same loop
+    run in this process, one thread like the Ray worker)."""
+    overrides = {"steps": 24, "checkpoint_every": 4, "max_failures": 2}
+    cfg = build(PretrainConfig, tiny_pretrain_params(str(tmp_path / "killed"), **overrides), "pretrain")
+    killer = _kill_a_train_worker_after(cfg.checkpoint_dir, step=4)
+    summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
+    killer["thread"].join()
+    assert killer.get("pid"), "no train worker was killed"
+    assert summary["steps"] == 24 and 4 <= summary["resumed_from_step"] < 24
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path / "reference"), **overrides))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(torch.tensor(curve(read_csv(cfg.plots_path))), torch.tensor(curve(reference.history)),
+                          rtol=1e-5)
