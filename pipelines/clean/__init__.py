@@ -32,7 +32,8 @@ so an interrupted run never leaves a half-written ``out_dir`` behind; the work
 folder sits beside it (``<out_dir>.tmp-*-work``, cleared by the next run if this
 one is killed).
 
-Modules: sources.py (source declarations, units, readers), archive.py (safe tar streaming),
+Modules: sources.py (source declarations, units, readers), text_files.py (plain, .gz and .zst
+txt/jsonl lines), archive.py (safe tar streaming),
 rejects.py (Reject, run_steps, content ids), text_filters.py / image_filters.py (the per-row
 steps), rows.py (the map task that spills rows), dedup.py (dedup rules), dedup_shards.py
 (sharded dedup tasks), parts.py (bounded output parts); this module drives the stage.
@@ -234,7 +235,7 @@ class OrderedReader:
 
 def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict) -> dict:
     """Per source rows_in / kept / rejected by reason, per kind step counts; raise unless
-    every source reconciles (rows_in == kept + rejected)."""
+    every source yielded rows and reconciles (rows_in == kept + rejected)."""
     rows_in = Counter()
     for c in chunks:
         rows_in[sources[c["source_idx"]].name] += c["rows"]
@@ -247,6 +248,9 @@ def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict) -> dic
     per_source = {}
     for s in sources:
         n_rej = sum(reasons[s.name].values())
+        if not rows_in[s.name]:  # a corpus that vanished (wrong format, suffix, folder) must not pass unseen
+            raise RuntimeError(f"clean: source {s.name!r} yielded no rows (none kept or rejected): no readable "
+                               f"{s.format} file under {s.path!r}, or only empty ones; check its path and format")
         if rows_in[s.name] != kept[s.name] + n_rej:
             raise RuntimeError(f"clean: source {s.name!r} does not reconcile: rows_in {rows_in[s.name]} "
                                f"!= kept {kept[s.name]} + rejected {n_rej}")

@@ -13,10 +13,17 @@ paths and tar member names that are absolute or contain ``..`` are rejected
 through a symlink that leaves the declared folder are rejected too. Tar
 members are read from the archive stream, never extracted to disk.
 
-Memory: readers stream. Lines are read in 1 MiB chunks and an over-long line is
-skipped without being held (``line_too_long``); Parquet is read batch by
-batch; tars are read member by member (img2dataset writes a key's files next
-to each other, and that adjacency is what groups them, as in WebDataset).
+Memory: readers stream. Lines are read in 1 MiB chunks (txt/JSONL, plain or
+``.gz``/``.zst``: pipelines.clean.text_files) and an over-long line is skipped
+without being held (``line_too_long``); Parquet is read batch by batch; tars are
+read member by member (img2dataset writes a key's files next to each other, and
+that adjacency is what groups them, as in WebDataset).
+
+No file is read as zero rows without a word: a declared file is always read and
+its reader rejects what it cannot interpret. An image/pair Parquet without an
+``image`` column reads img2dataset's ``jpg``/``jpeg``/``png``/``webp`` column and,
+where img2dataset's ``status`` and ``error_message`` columns are, rejects rows
+whose status is not ``success`` (``download_failed``).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import pyarrow.parquet as pq
 
 from pipelines.clean.archive import escapes, tar_members, wds_key
 from pipelines.clean.rejects import Reject
+from pipelines.clean.text_files import TEXT_FORMATS, is_text_file, iter_lines, text_lines
 from pipelines.common import storage
 from pipelines.common.configs import check
 
@@ -39,11 +47,17 @@ FORMATS = {
     "image": ("folder", "parquet", "webdataset"),
     "pair": ("jsonl", "parquet", "webdataset"),
 }
-SUFFIXES = {"txt": ".txt", "jsonl": ".jsonl", "parquet": ".parquet", "webdataset": ".tar", "folder": ""}
+SUFFIXES = {"parquet": ".parquet", "webdataset": ".tar", "folder": ""}  # a folder's files; txt/jsonl: is_text_file
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's output formats, in preference order
-CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 256
+# The (kind, format)s each column-mapping key applies to; null keeps the default name.
+COLUMN_KEYS = {
+    "text_column": {("text", "jsonl"), ("text", "parquet")},
+    "caption_column": {("pair", "jsonl"), ("pair", "parquet")},
+    "image_column": {("image", "parquet"), ("pair", "jsonl"), ("pair", "parquet")},
+}
+STATUS_COLUMNS = ("status", "error_message")  # img2dataset's per-row download outcome
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,9 @@ class SourceConfig:
     kind: Literal["text", "image", "pair"]
     format: str
     path: str
+    text_column: str | None = None     # the document's field / column (null: "text")
+    caption_column: str | None = None  # the caption's (null: "caption")
+    image_column: str | None = None    # the image path's (pair jsonl) / bytes' (null: "image", else jpg/png/...)
 
     def __post_init__(self):
         check(bool(self.name), "sources[].name: must not be empty")
@@ -60,6 +77,13 @@ class SourceConfig:
             f"sources.{self.name}.format: {self.format!r} is not a {self.kind} format; "
             f"choose one of {list(FORMATS[self.kind])}",
         )
+        for key, applies in COLUMN_KEYS.items():
+            value = getattr(self, key)
+            if value is not None:
+                check(value != "", f"sources.{self.name}.{key}: must not be empty (null: the default name)")
+                check((self.kind, self.format) in applies,
+                      f"sources.{self.name}.{key}: only for {' / '.join(sorted(f'{k} {f}' for k, f in applies))} "
+                      f"sources, not {self.kind} {self.format}")
 
 
 @dataclass(frozen=True)
@@ -84,10 +108,20 @@ def plan_units(source: SourceConfig, files_per_unit: int) -> list[tuple[str, ...
     """Split a source into units of files; raises FileNotFoundError if its path is absent."""
     if not storage.exists(source.path):
         raise FileNotFoundError(f"sources.{source.name}.path: {source.path!r} does not exist")
-    files = storage.list_files(source.path, SUFFIXES[source.format])
+    files = _source_files(source)
     if source.format != "folder":
         return [(f,) for f in files]
     return [tuple(files[i:i + files_per_unit]) for i in range(0, len(files), files_per_unit)]
+
+
+def _source_files(source: SourceConfig) -> list[str]:
+    """A declared file whatever its name (its reader rejects what it cannot interpret, so it is
+    never skipped unseen); a folder's files of the format, sorted."""
+    if storage.file_info(source.path)[0] == pafs.FileType.File:
+        return [str(source.path)]
+    if source.format in TEXT_FORMATS:
+        return [f for f in storage.list_files(source.path) if is_text_file(f, source.format)]
+    return storage.list_files(source.path, SUFFIXES[source.format])
 
 
 def read_unit(source: SourceConfig, files: tuple[str, ...], limits: ReadLimits) -> Iterator[Record]:
@@ -135,44 +169,24 @@ def _read_file(source: SourceConfig, path: str, limits: ReadLimits) -> bytes:
 
 # ---------------------------------------------------------------- lines
 
-def iter_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(1-based line number, bytes or None if longer than max_line_bytes, length) of non-blank lines."""
-    fs, p = storage.filesystem(path)
-    buf, overflow, lineno = bytearray(), 0, 0
-    with fs.open_input_stream(p) as f:
-        while chunk := f.read(CHUNK_BYTES):
-            start = 0
-            while True:
-                nl = chunk.find(b"\n", start)
-                piece = chunk[start:] if nl < 0 else chunk[start:nl]
-                if overflow or len(buf) + len(piece) > max_line_bytes:
-                    overflow += len(buf) + len(piece)
-                    buf.clear()
-                else:
-                    buf += piece
-                if nl < 0:
-                    break
-                lineno += 1
-                yield from _line(lineno, buf, overflow)
-                buf.clear()
-                overflow, start = 0, nl + 1
-    if buf or overflow:
-        yield from _line(lineno + 1, buf, overflow)
-
-
-def _line(lineno: int, buf: bytearray, overflow: int):
-    if overflow:
-        yield lineno, None, overflow
-    elif buf.strip():  # blank lines separate rows; they are not rows
-        line = bytes(buf).removesuffix(b"\r")
-        yield lineno, line, len(line)
+def _lines(path: str, fmt: str, limits: ReadLimits) -> Iterator[tuple[str, bytes | Reject, bytes]]:
+    """(location, line or Reject, raw) of a txt/JSONL file's non-blank lines; a file it cannot
+    read (its name, a corrupt compressed stream) ends in one Reject located at the file."""
+    try:
+        for lineno, line, length in text_lines(path, fmt, limits.max_line_bytes):
+            where = f"{path}:{lineno}"
+            if line is None:
+                yield where, Reject("line_too_long", f"{length} bytes > max_line_bytes"), where.encode()
+            else:
+                yield where, line, line
+    except Reject as rej:
+        yield path, rej, path.encode()
 
 
 def _json_lines(path: str, limits: ReadLimits) -> Iterator[tuple[str, dict | Reject, bytes]]:
-    for lineno, line, length in iter_lines(path, limits.max_line_bytes):
-        where = f"{path}:{lineno}"
-        if line is None:
-            yield where, Reject("line_too_long", f"{length} bytes > max_line_bytes"), where.encode()
+    for where, line, raw in _lines(path, "jsonl", limits):
+        if isinstance(line, Reject):
+            yield where, line, raw
             continue
         try:
             obj = json.loads(line.decode("utf-8"))
@@ -199,12 +213,8 @@ def _field(obj: dict, name: str, types: type | tuple) -> object:
 # ---------------------------------------------------------------- text
 
 def _text_txt(source, path, limits):
-    for lineno, line, length in iter_lines(path, limits.max_line_bytes):
-        where = f"{path}:{lineno}"
-        if line is None:
-            yield Record(where, reject=Reject("line_too_long", f"{length} bytes > max_line_bytes"), raw=where.encode())
-        else:
-            yield Record(where, text=line, raw=line)
+    for where, line, raw in _lines(path, "txt", limits):
+        yield Record(where, reject=line, raw=raw) if isinstance(line, Reject) else Record(where, text=line, raw=raw)
 
 
 def _text_jsonl(source, path, limits):
@@ -212,7 +222,7 @@ def _text_jsonl(source, path, limits):
         try:
             if isinstance(obj, Reject):
                 raise obj
-            yield Record(where, text=_field(obj, "text", str), raw=raw)
+            yield Record(where, text=_field(obj, source.text_column or "text", str), raw=raw)
         except Reject as rej:
             yield Record(where, reject=rej, raw=raw)
 
@@ -223,8 +233,8 @@ def _pair_jsonl(source, path, limits):
         try:
             if isinstance(obj, Reject):
                 raise obj
-            name = _field(obj, "image", str)
-            caption = _field(obj, "caption", str)
+            name = _field(obj, source.image_column or "image", str)
+            caption = _field(obj, source.caption_column or "caption", str)
             if why := escapes(name):
                 raise Reject("path_escape", why)
             image = _read_file(source, storage.join(folder, name), limits)
@@ -235,52 +245,77 @@ def _pair_jsonl(source, path, limits):
 
 # ---------------------------------------------------------------- parquet
 
-def _parquet_rows(source, path, columns, limits) -> Iterator[tuple[str, dict | Reject]]:
+def _parquet_rows(source, path, kind, limits) -> Iterator[tuple[str, dict | Reject, dict]]:
+    """(location, row as {column: value} or a file-level Reject, role -> column) per row."""
+    roles = {}
     try:
         _confine(source, path, limits)
         fs, p = storage.filesystem(path)
         pfile = pq.ParquetFile(fs.open_input_file(p))
-        missing = [c for c in columns if c not in pfile.schema_arrow.names]
-        if missing:
-            raise Reject("missing_field", f"no column(s) {missing} in {pfile.schema_arrow.names}")
+        roles = _parquet_columns(source, kind, pfile.schema_arrow.names)
         row = 0
-        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=sorted(set(roles.values()))):
             for values in batch.to_pylist():
-                yield f"{path}:row{row}", values
+                yield f"{path}:row{row}", values, roles
                 row += 1
     except Reject as rej:
-        yield path, rej
+        yield path, rej, roles
     except (OSError, ValueError) as err:  # not Parquet, truncated, corrupt pages
-        yield path, Reject("unreadable_file", f"{type(err).__name__}: {err}")
+        yield path, Reject("unreadable_file", f"{type(err).__name__}: {err}"), roles
 
 
-def _image_value(value) -> bytes:
+def _parquet_columns(source: SourceConfig, kind: str, names: list[str]) -> dict[str, str]:
+    """Role ("text": document or caption, "image", img2dataset's "status" / "error_message")
+    -> column of one file; raises Reject(missing_field) naming what is absent."""
+    roles = {}
+    if kind == "text":
+        roles["text"] = source.text_column or "text"
+    else:
+        found = next((c for c in ("image", *WDS_IMAGE_EXTS) if c in names), None)
+        roles["image"] = source.image_column or found
+        if roles["image"] is None:
+            raise Reject("missing_field", f"no image column (one of {['image', *WDS_IMAGE_EXTS]}) in {names}")
+        if all(c in names for c in STATUS_COLUMNS):
+            roles.update(zip(STATUS_COLUMNS, STATUS_COLUMNS))
+    if kind == "pair":
+        roles["text"] = source.caption_column or "caption"
+    missing = [c for c in roles.values() if c not in names]
+    if missing:
+        raise Reject("missing_field", f"no column(s) {missing} in {names}")
+    return roles
+
+
+def _image_value(value, column: str) -> bytes:
     if isinstance(value, dict):  # Hugging Face `Image` feature: struct<bytes, path>
         value = value.get("bytes")
     if value is None:
-        raise Reject("missing_field", "no 'image' bytes")
+        raise Reject("missing_field", f"no {column!r} bytes")
     if not isinstance(value, (bytes, bytearray)):
-        raise Reject("bad_field_type", f"'image' is a {type(value).__name__}")
+        raise Reject("bad_field_type", f"{column!r} is a {type(value).__name__}")
     return bytes(value)
 
 
-def _parquet_reader(kind: str):
-    columns = {"text": ["text"], "image": ["image"], "pair": ["image", "caption"]}[kind]
+def _parquet_record(kind: str, where: str, values: dict, roles: dict[str, str]) -> Record:
+    if "status" in roles and values["status"] != "success":  # img2dataset keeps failed downloads as rows
+        raise Reject("download_failed", str(values["error_message"] or f"status {values['status']!r}"))
+    text = image = None
+    if kind == "text":
+        text = _field(values, roles["text"], (str, bytes))
+    else:
+        image = _image_value(values.get(roles["image"]), roles["image"])
+    if kind == "pair":
+        text = _field(values, roles["text"], (str, bytes))
+    raw = image if image is not None else (text.encode("utf-8", "replace") if isinstance(text, str) else text)
+    return Record(where, text=text, image=image, raw=raw)
 
+
+def _parquet_reader(kind: str):
     def read(source, path, limits):
-        for where, values in _parquet_rows(source, path, columns, limits):
+        for where, values, roles in _parquet_rows(source, path, kind, limits):
             try:
                 if isinstance(values, Reject):
                     raise values
-                text = image = None
-                if kind == "text":
-                    text = _field(values, "text", (str, bytes))
-                else:
-                    image = _image_value(values.get("image"))
-                if kind == "pair":
-                    text = _field(values, "caption", (str, bytes))
-                raw = image if image is not None else (text.encode("utf-8", "replace") if isinstance(text, str) else text)
-                yield Record(where, text=text, image=image, raw=raw)
+                yield _parquet_record(kind, where, values, roles)
             except Reject as rej:
                 yield Record(where, reject=rej, raw=where.encode())
     return read
@@ -328,9 +363,29 @@ def _wds_record(path: str, key: str, group: dict[str, bytes], kind: str) -> Reco
     image = next((group[e] for e in WDS_IMAGE_EXTS if e in group), None)
     if image is None:
         return Record(where, reject=Reject("missing_image", f"members {sorted(group)}"), raw=where.encode())
-    if kind == "pair" and "txt" not in group:
-        return Record(where, reject=Reject("missing_caption", f"members {sorted(group)}"), raw=image)
-    return Record(where, image=image, text=group.get("txt") if kind == "pair" else None, raw=image)
+    if kind != "pair":
+        return Record(where, image=image, raw=image)
+    try:
+        return Record(where, image=image, text=_wds_caption(group), raw=image)
+    except Reject as rej:
+        return Record(where, reject=rej, raw=image)
+
+
+def _wds_caption(group: dict[str, bytes]) -> str | bytes:
+    """The ``.txt`` member (bytes, decoded by the caption steps), else the ``caption`` of the
+    ``.json`` metadata (img2dataset writes it there too)."""
+    if "txt" in group:
+        return group["txt"]
+    if "json" not in group:
+        raise Reject("missing_caption", f"members {sorted(group)}")
+    try:
+        meta = json.loads(group["json"])
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise Reject("malformed_json", f".json member without a .txt: {err}") from err
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    if not isinstance(caption, str):
+        raise Reject("missing_caption", f"members {sorted(group)}; no 'caption' string in the .json")
+    return caption
 
 
 READERS = {
@@ -345,4 +400,4 @@ READERS = {
     ("pair", "webdataset"): _webdataset_reader("pair"),
 }
 
-__all__ = ["FORMATS", "SourceConfig", "ReadLimits", "Record", "plan_units", "read_unit", "iter_lines", "escapes"]
+__all__ = ["FORMATS", "COLUMN_KEYS", "SourceConfig", "ReadLimits", "Record", "plan_units", "read_unit", "iter_lines", "escapes"]

@@ -230,3 +230,50 @@ def test_stage_cli_reads_params_and_writes_metrics(tmp_path):
     assert metrics["sources"]["imgs"]["kept"] == 5
     assert sorted(os.listdir(tmp_path / "project/data/clean")) == ["image", "pair", "rejected", "text"]
     assert len(os.listdir(tmp_path / "project/data/clean/text")) == 2  # 7 kept texts, 4 per part
+
+
+def test_clean_counts_img2dataset_and_compressed_sources_and_fails_on_an_empty_one(ray_local, tmp_path):
+    """rows in = kept + rejected per source, failed downloads and a corrupt .gz included; a
+    source that yields no row at all (here: no file of its format) fails the stage by name."""
+    import gzip
+
+    from tests.pipelines.test_sources import img2dataset_parquet, zst
+
+    root = tmp_path / "in"
+    (root / "laion").mkdir(parents=True)
+    img2dataset_parquet(root / "laion/00000.parquet", image=lambda i: scene(30 + i, fmt="JPEG"))
+    docs = [json.dumps({"text": f"Gloss {i} explains how the {w} module reads files and returns records to the caller."}).encode()
+            for i, w in enumerate(["csv", "json", "zipfile", "tarfile", "sqlite", "pickle"])]
+    write_lines(root / "glosses/a.jsonl", docs[:3])
+    (root / "glosses/a.jsonl.gz").write_bytes(gzip.compress((root / "glosses/a.jsonl").read_bytes()))
+    (root / "glosses/a.jsonl").unlink()
+    (root / "glosses/b.jsonl.zst").write_bytes(zst(b"\n".join(docs[3:]) + b"\n"))
+    (root / "glosses/c.jsonl.gz").write_bytes(gzip.compress(b"\n".join(docs))[:40])  # cut short
+    (root / "lines").mkdir()
+    for i, w in enumerate(["socket", "select"]):
+        (root / f"lines/{i}.txt.gz").write_bytes(gzip.compress(f"A plain line on the {w} module, long enough to keep.\n".encode()))
+    sources = [SourceConfig("laion", "pair", "parquet", str(root / "laion")),
+               SourceConfig("glosses", "text", "jsonl", str(root / "glosses")),
+               SourceConfig("lines", "text", "txt", str(root / "lines"))]
+
+    metrics = clean_sources(sources, CleanConfig(out_dir=str(tmp_path / "out")), RAY)
+    per = metrics["sources"]
+    for s in per.values():
+        assert s["rows_in"] == s["kept"] + s["rejected"]
+    assert (per["laion"]["rows_in"], per["laion"]["kept"], per["laion"]["rejected_by_reason"]) == (5, 3, {"download_failed": 2})
+    assert (per["glosses"]["rows_in"], per["glosses"]["kept"]) == (7, 6)
+    assert per["glosses"]["rejected_by_reason"] == {"corrupt_compressed_file": 1}
+    assert (per["lines"]["rows_in"], per["lines"]["kept"]) == (2, 2)
+    rejected = {(r["source"], r["location"]): (r["reason"], r["detail"]) for r in read_kind(str(tmp_path / "out"), "rejected")}
+    laion = f"{root}/laion/00000.parquet"
+    assert rejected[("laion", f"{laion}:row1")] == ("download_failed", "HTTP Error 404 (0)")
+    assert rejected[("laion", f"{laion}:row3")] == ("download_failed", "HTTP Error 404 (1)")
+    assert rejected[("glosses", f"{root}/glosses/c.jsonl.gz")][0] == "corrupt_compressed_file"
+    assert len(rejected) == 3
+
+    (root / "empty").mkdir()
+    (root / "empty/notes.md").write_text("no jsonl file here")
+    with pytest.raises(RuntimeError, match="source 'gone' yielded no rows"):
+        clean_sources([sources[2], SourceConfig("gone", "text", "jsonl", str(root / "empty"))],
+                      CleanConfig(out_dir=str(tmp_path / "out_empty")), RAY)
+    assert not os.path.exists(tmp_path / "out_empty")  # nothing published

@@ -204,3 +204,150 @@ def test_readers_on_s3(s3_env, tmp_path):
     assert [r.text for r in pairs if not r.reject] == [b"s3 caption"] and list(reasons(pairs).values()) == ["path_escape"]
     pj = read_all(SourceConfig("j", "pair", "jsonl", f"{base}/pj/c.jsonl"))
     assert [r.image == png() for r in pj if not r.reject] == [True] and list(reasons(pj).values()) == ["path_escape"]
+
+
+# ---------------------------------------------------------------- img2dataset parquet, column names, compression
+
+def img2dataset_parquet(path, ok: int = 3, failed: int = 2, image=png) -> None:
+    """img2dataset's parquet output: bytes in `jpg`, plus `status` / `error_message` per row."""
+    rows = [{"key": f"{i:09d}", "caption": f"caption {i}", "url": f"http://x/{i}.jpg", "jpg": image(i),
+             "status": "success", "error_message": None} for i in range(ok)]
+    rows += [{"key": f"{ok + i:09d}", "caption": f"caption {ok + i}", "url": f"http://x/{ok + i}.jpg", "jpg": None,
+              "status": "failed_to_download", "error_message": f"HTTP Error 404 ({i})"} for i in range(failed)]
+    order = [0, ok, 1, ok + 1, *range(2, ok), *range(ok + 2, ok + failed)]  # failures between successes
+    pq.write_table(pa.Table.from_pylist([rows[i] for i in order]), path)
+
+
+def test_img2dataset_parquet_reads_jpg_column_and_rejects_failed_downloads(tmp_path):
+    img2dataset_parquet(tmp_path / "00000.parquet", image=lambda i: png((10 * i, 0, 0)))
+    f = f"{tmp_path}/00000.parquet"
+    pairs = read_all(SourceConfig("p", "pair", "parquet", str(tmp_path)))
+    assert [(r.text, r.image == png((10 * i, 0, 0))) for i, r in enumerate(r for r in pairs if not r.reject)] == [
+        ("caption 0", True), ("caption 1", True), ("caption 2", True)]
+    assert reasons(pairs) == {f"{f}:row1": "download_failed", f"{f}:row3": "download_failed"}
+    assert [r.reject.detail for r in pairs if r.reject] == ["HTTP Error 404 (0)", "HTTP Error 404 (1)"]
+    images = read_all(SourceConfig("i", "image", "parquet", f))
+    assert sum(not r.reject for r in images) == 3 and set(reasons(images).values()) == {"download_failed"}
+
+    pq.write_table(pa.table({"png": [png()], "caption": ["c"]}), tmp_path / "png.parquet")  # no status columns
+    (rec,) = read_all(SourceConfig("p", "pair", "parquet", str(tmp_path / "png.parquet")))
+    assert rec.image == png() and rec.text == "c"
+    pq.write_table(pa.table({"pixels": [png()], "caption": ["c"]}), tmp_path / "none.parquet")
+    (rec,) = read_all(SourceConfig("p", "pair", "parquet", str(tmp_path / "none.parquet")))
+    assert (rec.location, rec.reject.reason) == (f"{tmp_path}/none.parquet", "missing_field") and "jpg" in rec.reject.detail
+
+
+def test_column_keys_map_parquet_and_jsonl_fields(tmp_path):
+    pq.write_table(pa.table({"body": ["a doc", None]}), tmp_path / "t.parquet")
+    text = read_all(SourceConfig("t", "text", "parquet", str(tmp_path / "t.parquet"), text_column="body"))
+    assert [r.text for r in text if not r.reject] == ["a doc"]
+    assert [(r.reject.reason, r.reject.detail) for r in text if r.reject] == [("missing_field", "no 'body' field")]
+    pq.write_table(pa.table({"pixels": [png()], "alt": ["alt text"], "status": ["failed_to_resize"],
+                             "error_message": ["too small"]}), tmp_path / "p.parquet")
+    (rec,) = read_all(SourceConfig("p", "pair", "parquet", str(tmp_path / "p.parquet"),
+                                   image_column="pixels", caption_column="alt"))
+    assert (rec.reject.reason, rec.reject.detail) == ("download_failed", "too small")  # status applies to a mapped column
+    (rec,) = read_all(SourceConfig("p", "pair", "parquet", str(tmp_path / "p.parquet"), caption_column="alt"))
+    assert rec.reject.reason == "missing_field" and "image" in rec.reject.detail  # no image/jpg/... column
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img/a.png").write_bytes(png())
+    write_lines(tmp_path / "pairs.jsonl", [json.dumps({"file": "img/a.png", "alt": "x"}).encode(),
+                                           json.dumps({"image": "img/a.png", "caption": "x"}).encode()])
+    pj = read_all(SourceConfig("j", "pair", "jsonl", str(tmp_path / "pairs.jsonl"), image_column="file", caption_column="alt"))
+    assert [(r.text, r.image == png()) for r in pj if not r.reject] == [("x", True)]
+    assert reasons(pj) == {f"{tmp_path}/pairs.jsonl:2": "missing_field"}
+    write_lines(tmp_path / "docs.jsonl", [json.dumps({"content": "from content"}).encode()])
+    (rec,) = read_all(SourceConfig("d", "text", "jsonl", str(tmp_path / "docs.jsonl"), text_column="content"))
+    assert rec.text == "from content"
+
+
+def test_source_config_checks_column_keys():
+    src = {"name": "a", "kind": "pair", "format": "parquet", "path": "x"}
+    assert build(SourceConfig, {**src, "caption_column": "alt", "image_column": "jpg"}, "sources[0]").caption_column == "alt"
+    assert SourceConfig("a", "text", "jsonl", "x").text_column is None  # null: today's names
+    for bad, key in [({**src, "kind": "text", "format": "jsonl", "caption_column": "alt"}, "caption_column"),
+                     ({**src, "text_column": "body"}, "text_column"),
+                     ({**src, "format": "webdataset", "image_column": "jpg"}, "image_column"),
+                     ({**src, "kind": "image", "format": "folder", "image_column": "jpg"}, "image_column"),
+                     ({**src, "caption_column": ""}, "caption_column")]:
+        with pytest.raises(ParamsError, match=f"sources.a.{key}"):
+            build(SourceConfig, bad, "sources[0]")
+    with pytest.raises(ParamsError, match="expected a string"):
+        build(SourceConfig, {**src, "caption_column": 3}, "sources[0]")
+
+
+def zst(data: bytes, frames: int = 1) -> bytes:
+    """zstd data as ``frames`` concatenated frames (as pzstd and appending writers make)."""
+    import zstandard
+
+    cut = [len(data) * k // frames for k in range(frames + 1)]
+    return b"".join(zstandard.ZstdCompressor(write_checksum=True).compress(data[a:b]) for a, b in zip(cut, cut[1:]))
+
+
+def test_compressed_txt_and_jsonl_read_like_plain_files(tmp_path):
+    import gzip
+
+    docs = b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(2000))
+    (tmp_path / "glosses.jsonl.gz").write_bytes(gzip.compress(docs))
+    (tmp_path / "glosses.jsonl.zst").write_bytes(zst(docs, frames=3))
+    for name in ("glosses.jsonl.gz", "glosses.jsonl.zst"):
+        recs = read_all(SourceConfig("g", "text", "jsonl", str(tmp_path / name)))
+        assert [r.text for r in recs] == [f"doc {i}" for i in range(2000)], name
+        assert recs[-1].location == f"{tmp_path}/{name}:2000"
+
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    (folder / "a.txt.gz").write_bytes(gzip.compress(b"first line\n\nsecond line\n" + b"y" * 5000 + b"\n"))
+    (folder / "b.txt.gz").write_bytes(gzip.compress(b"third line\n") + gzip.compress(b"fourth line\n"))  # 2 members
+    (folder / "c.txt").write_bytes(b"plain line\n")
+    (folder / "d.txt.zst").write_bytes(zst(b"zstd line\n"))
+    (folder / "README.md").write_text("not a source file")
+    recs = read_all(SourceConfig("l", "text", "txt", str(folder)))
+    assert [r.text for r in recs if not r.reject] == [b"first line", b"second line", b"third line", b"fourth line",
+                                                      b"plain line", b"zstd line"]
+    assert reasons(recs) == {f"{folder}/a.txt.gz:4": "line_too_long"}  # line limits hold after decompression
+
+
+def test_corrupt_or_unknown_compressed_files_are_rejected_not_read_as_empty(tmp_path):
+    import gzip
+
+    docs = b"".join(json.dumps({"text": f"doc {i} " + "w" * 100}).encode() + b"\n" for i in range(30000))
+    gz, zs = gzip.compress(docs), zst(docs)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    (bad / "crc.jsonl.gz").write_bytes(gz[:-8] + bytes(8))                  # CRC and length zeroed
+    (bad / "plain.jsonl.gz").write_bytes(docs[:1000])                       # not gzip at all
+    (bad / "empty.jsonl.gz").write_bytes(b"")
+    (bad / "cut.jsonl.zst").write_bytes(zs[: len(zs) // 2])
+    (bad / "junk.jsonl.zst").write_bytes(os.urandom(500))
+    (bad / "empty.jsonl.zst").write_bytes(b"")
+    (bad / "old.jsonl.bz2").write_bytes(b"BZh9")                            # a codec clean does not read
+    recs = read_all(SourceConfig("b", "text", "jsonl", str(bad)))
+    got = reasons(recs)
+    assert got == {f"{bad}/{n}": "corrupt_compressed_file" for n in (
+        "cut.jsonl.gz", "crc.jsonl.gz", "plain.jsonl.gz", "empty.jsonl.gz", "cut.jsonl.zst", "junk.jsonl.zst",
+        "empty.jsonl.zst")} | {f"{bad}/old.jsonl.bz2": "unsupported_extension"}
+    kept_from = {r.location.rsplit(":", 1)[0] for r in recs if not r.reject}  # kept rows are <file>:<line>
+    assert {f"{bad}/cut.jsonl.gz", f"{bad}/cut.jsonl.zst"} <= kept_from  # the lines before the cut are kept
+    assert "after line" in next(r for r in recs if r.location == f"{bad}/cut.jsonl.zst").reject.detail
+
+    # A declared file whose name says neither the format nor a known compression: one rejected row.
+    (tmp_path / "glosses.gz").write_bytes(gz)
+    (rec,) = read_all(SourceConfig("g", "text", "jsonl", str(tmp_path / "glosses.gz")))
+    assert (rec.location, rec.reject.reason) == (f"{tmp_path}/glosses.gz", "unsupported_extension")
+
+
+def test_webdataset_caption_from_json_when_there_is_no_txt(tmp_path):
+    tar = tmp_path / "wds/00000.tar"
+    write_tar(tar, [
+        ("000.jpg", png()), ("000.json", json.dumps({"caption": "from json", "url": "u"}).encode()),
+        ("001.jpg", png()), ("001.txt", b"from txt"), ("001.json", json.dumps({"caption": "not this"}).encode()),
+        ("002.jpg", png()), ("002.json", json.dumps({"url": "u"}).encode()),
+        ("003.jpg", png()), ("003.json", b"{broken"),
+    ])
+    recs = read_all(SourceConfig("w", "pair", "webdataset", str(tmp_path / "wds")))
+    t = str(tar)
+    assert [(r.location, r.text) for r in recs if not r.reject] == [(f"{t}:000", "from json"), (f"{t}:001", b"from txt")]
+    assert reasons(recs) == {f"{t}:002": "missing_caption", f"{t}:003": "malformed_json"}
