@@ -1,4 +1,4 @@
-"""Building the pretraining task, and its files: training checkpoints and the exported model.
+"""Building the pretraining task, and its files: the task spec and the exported model.
 
 A *task spec* (task.json) says everything needed to rebuild a PretrainTask: the backbone
 config, the vocabularies, the special ids and the masking. Checkpoints and the exported
@@ -27,7 +27,6 @@ from model.task import MaskingConfig, PretrainTask
 TASK_FILE = "task.json"
 HEADS_FILE = "heads.safetensors"
 OFFICIAL_FILE = "beit3_official.pth"
-STATE_FILE = "task.safetensors"  # in training checkpoints: backbone + heads
 
 
 def task_spec(cfg, text: dict, visual_vocab_size: int) -> dict:
@@ -69,28 +68,12 @@ def read_task_spec(directory: str) -> dict:
         return json.load(f)
 
 
-def save_task_state(directory: str, state: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, STATE_FILE))
-
-
-def load_task_state(directory: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, STATE_FILE))
-
-
-def task_from_checkpoint(directory: str) -> PretrainTask:
-    """The trained PretrainTask of a training checkpoint (CPU, float32)."""
-    task = build_task(read_task_spec(directory))
-    task.load_state_dict(load_task_state(directory), strict=True)
-    return task
-
-
-def export_from_checkpoint(ckpt_dir: str, out_dir: str) -> None:
-    """Training checkpoint -> the exported model directory (see module docstring)."""
-    task = task_from_checkpoint(ckpt_dir)
+def export_task(task: PretrainTask, spec: dict, out_dir: str) -> None:
+    """A trained PretrainTask -> the exported model directory (see module docstring)."""
     os.makedirs(out_dir, exist_ok=True)
     save_pretrained(task.model, out_dir)
     save_file({k: v.contiguous() for k, v in task.heads.state_dict().items()}, os.path.join(out_dir, HEADS_FILE))
-    write_task_spec(out_dir, read_task_spec(ckpt_dir))
+    write_task_spec(out_dir, spec)
     torch.save(export_official_beit3(task.model), os.path.join(out_dir, OFFICIAL_FILE))
 
 

@@ -32,7 +32,7 @@ from pipelines.common.configs import check, to_dict
 from pipelines.common.ray_session import RayConfig, ray_session
 from pipelines.common.schema import MODALITIES
 from pipelines.common.shards import ShardIndex, absolute, read_manifest, split_index
-from pipelines.common.task_files import export_from_checkpoint, task_spec
+from pipelines.common.task_files import task_spec
 from pipelines.common.train_csv import CSV_FIELDS, csv_text, read_csv
 
 # Fields that change how a run executes but not what it computes: a run
@@ -259,6 +259,8 @@ def export_model(ckpt_dir: str, out_dir: str, with_samples: bool) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out))
     try:
+        from pipelines.pretrain.checkpoints import export_from_checkpoint
+
         export_from_checkpoint(ckpt_dir, tmp)
         if with_samples:
             shutil.copy2(os.path.join(ckpt_dir, "samples.jsonl"), os.path.join(tmp, "samples.jsonl"))

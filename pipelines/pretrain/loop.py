@@ -27,7 +27,7 @@ from model.task import PART_KEYS
 from pipelines.common import task_files
 from pipelines.common.seeding import mix_seed
 from pipelines.common.train_csv import LiveCSV
-from pipelines.pretrain.checkpoints import TrainingState, full_state, restore_checkpoint, write_checkpoint
+from pipelines.pretrain.checkpoints import TrainingState, restore_checkpoint, save_sharded_state, write_run_files
 from pipelines.pretrain.data import MixedStream, StepLoader, part_counts, split_micro_batches, split_text_part
 from pipelines.pretrain.wrapping import distributed, gradient_sync, wrap_model
 
@@ -147,19 +147,18 @@ class PretrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
-        """Every worker takes part (FSDP gathers full state); rank 0 writes the files."""
-        model_state, optim_state = full_state(self.model, self.optimizer)
+        """Every worker writes its shard of the state into a folder of its own and reports it
+        (Ray Train merges the folders); rank 0 adds the run's files."""
         metrics = {k: v for k, v in self.history[-1].items() if v is not None}
-        if self.rank != 0:
-            self.report(metrics, None)
-            return
-        state = {"run_name": self.job["run_name"], "step": self.step, "steps": self.cfg.steps,
-                 "elapsed_s": self.elapsed, "resumed_from_step": self.resumed_from,
-                 "world_size": self.world_size}
         directory = tempfile.mkdtemp(prefix="pretrain-ckpt-")
         try:
-            write_checkpoint(directory, model_state, optim_state, self.spec,
-                             TrainingState(state, self.history, self.samples), self.cfg.log_samples)
+            save_sharded_state(directory, self.model, self.optimizer)
+            if self.rank == 0:
+                state = {"run_name": self.job["run_name"], "step": self.step, "steps": self.cfg.steps,
+                         "elapsed_s": self.elapsed, "resumed_from_step": self.resumed_from,
+                         "world_size": self.world_size}
+                write_run_files(directory, self.spec, TrainingState(state, self.history, self.samples),
+                                self.cfg.log_samples)
             self.report(metrics, directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)

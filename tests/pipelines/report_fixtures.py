@@ -72,9 +72,9 @@ def _train_and_evaluate(root: str, corpus: dict, paths: dict) -> None:
     import torch
 
     from pipelines.common.configs import build
-    from pipelines.common.task_files import export_from_checkpoint
     from pipelines.evaluate import EvaluateConfig, run_evaluation
     from pipelines.pretrain import summary
+    from pipelines.pretrain.checkpoints import export_from_checkpoint
     from tests.pipelines.pretrain_fixtures import tiny_job, train_in_process
 
     torch.set_num_threads(1)

@@ -11,9 +11,10 @@ from pipelines.common.configs import build
 from pipelines.common.eval_data import read_image_folder, read_karpathy
 from pipelines.common.ray_session import RayConfig
 from pipelines.common.storage import write_json
-from pipelines.common.task_files import export_from_checkpoint, load_exported_task
+from pipelines.common.task_files import load_exported_task
 from pipelines.evaluate import EvaluateConfig, evaluate_model, masked_prediction, run_evaluation
 from pipelines.evaluate.retrieval import recall_at
+from pipelines.pretrain.checkpoints import export_from_checkpoint
 from tests.pipelines.pretrain_fixtures import tiny_corpus, tiny_job, train_in_process  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/pipelines/conftest.py

@@ -182,9 +182,9 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_corpus, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path}/pwned",))
 
-    with open(os.path.join(saved[2], "optimizer.pt"), "wb") as f:
+    with open(os.path.join(saved[2], "state", ".metadata"), "wb") as f:
         pickle.dump(Exploit(), f)
-    with pytest.raises(UnsafeCheckpointError, match="optimizer.pt: refused to load"):
+    with pytest.raises(UnsafeCheckpointError, match=".metadata: refused to load"):
         train_in_process(job, resume_dir=saved[2])
     assert not (tmp_path / "pwned").exists()
 
@@ -333,11 +333,17 @@ def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_
     assert torch.allclose(curves[0], curves[1], rtol=1e-5)
 
 
+def same_samples(a: list[dict], b: list[dict]) -> bool:
+    """The same sample ids at every step (workers list a step's ids rank by rank)."""
+    return [(s["step"], sorted(s["ids"])) for s in a] == [(s["step"], sorted(s["ids"])) for s in b]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_sharded_and_replicated_runs_resume_exactly(tiny_corpus, tmp_path, strategy):
     """Two gloo ranks without Ray: the checkpoint of a DDP / FSDP run restores model and
-    optimizer state exactly (FSDP gathers full state dicts, every rank reloads them)."""
+    optimizer state exactly (DCP: every rank saves and reloads its own shard), and resumes
+    on another number of workers."""
     from tests.pipelines.pretrain_fixtures import run_distributed
 
     job = tiny_job(tiny_corpus, str(tmp_path), steps=8, checkpoint_every=4, log_samples=True,
@@ -346,8 +352,19 @@ def test_sharded_and_replicated_runs_resume_exactly(tiny_corpus, tmp_path, strat
     resumed = run_distributed(job, 2, str(tmp_path / "resumed"), resume_dir=str(tmp_path / "full" / "step-4"))
     assert resumed["resumed_from"] == 4 and resumed["samples"] == full["samples"]
     assert torch.allclose(torch.tensor(curve(resumed["history"])), torch.tensor(curve(full["history"])), rtol=1e-5)
-    single, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path), steps=8))
+    single, saved = train_in_process(tiny_job(tiny_corpus, str(tmp_path), steps=8, log_samples=True),
+                                     keep_dir=str(tmp_path / "single"))
     assert torch.allclose(torch.tensor(curve(full["history"])), torch.tensor(curve(single.history)), rtol=0.02)
+    # the sharded checkpoint of 2 workers resumes on 1 (DCP reshards), and 1 worker's on 2
+    one_of_two, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path / "w1"), steps=8, log_samples=True),
+                                     resume_dir=str(tmp_path / "full" / "step-4"))
+    assert one_of_two.resumed_from == 4 and same_samples(one_of_two.samples, full["samples"])
+    assert torch.allclose(torch.tensor(curve(one_of_two.history)), torch.tensor(curve(full["history"])), rtol=0.02)
+    if strategy == "fsdp":
+        two_of_one = run_distributed(job, 2, str(tmp_path / "w2"), resume_dir=saved[4])
+        assert two_of_one["resumed_from"] == 4 and same_samples(two_of_one["samples"], single.samples)
+        assert torch.allclose(torch.tensor(curve(two_of_one["history"])), torch.tensor(curve(single.history)),
+                              rtol=0.02)
 
 
 def test_gradient_accumulation_gives_the_update_of_one_batch(tiny_corpus, tmp_path):
@@ -425,3 +442,19 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny_corpus, tmp_
         torch.set_num_threads(threads)
     assert torch.allclose(torch.tensor(curve(read_csv(cfg.plots_path))), torch.tensor(curve(reference.history)),
                           rtol=1e-5)
+
+
+def test_the_export_of_a_sharded_checkpoint_holds_the_trained_weights(tiny_corpus, tmp_path):
+    """The exported model (gathered from the DCP checkpoint in one process) is exactly the
+    task the loop trained, heads included."""
+    from pipelines.common.task_files import load_exported_task
+    from pipelines.pretrain.checkpoints import export_from_checkpoint
+
+    loop, saved = train_in_process(tiny_job(tiny_corpus, str(tmp_path), steps=4, checkpoint_every=4),
+                                   keep_dir=str(tmp_path / "ckpts"))
+    assert sorted(os.listdir(os.path.join(saved[4], "state"))) == [".metadata", "__0_0.distcp"]
+    export_from_checkpoint(saved[4], str(tmp_path / "model"))
+    exported = load_exported_task(str(tmp_path / "model")).state_dict()
+    trained = loop.task.state_dict()
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
