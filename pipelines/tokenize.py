@@ -1,10 +1,18 @@
 """tokenize stage: one Ray Data job running both tokenizers over the cleaned data.
 
-Each cleaned part ``clean_dir/{text,image,pair}/part-NNNNN.parquet`` becomes
-``out_dir/{kind}/part-NNNNN.parquet`` in SHARD_SCHEMA. The job's rows are the
-parts still to do; an actor pool (fractional CPUs, optional GPUs) loads the
-sentencepiece model and the VQ-KD model once per actor and tokenizes a whole
-part per call, in batches of ``batch_size`` images.
+Work units are row ranges: cleaned part ``clean_dir/{kind}/part-NNNNN.parquet``
+(kind: text, image, pair) is cut into consecutive ranges of ``rows_per_task``
+rows, and unit U becomes ``out_dir/{kind}/part-NNNNN-UUUUU.parquet`` in
+SHARD_SCHEMA, so one huge part spreads over every actor and the sorted file names
+list the rows in input order (the units of a part together hold exactly the rows
+a whole-part task would give). For images the range length is rounded up to a
+multiple of ``batch_size``: every image then meets the same VQ-KD batch as in a
+whole-part run, so its codes do not depend on ``rows_per_task`` (batch shapes can
+change float results, on GPUs above all). The job's rows are the units still to
+do; an actor pool (fractional CPUs, optional GPUs) loads the sentencepiece model
+and the VQ-KD model once per actor and tokenizes one unit per call, reading only
+the Parquet row groups that hold its rows, streamed in record batches (memory:
+one unit, not one part), in batches of ``batch_size`` images.
 
 - Texts: a document longer than ``max_text_tokens`` (with ``<s>``/``</s>``)
   becomes consecutive chunks, each its own sample with id
@@ -21,22 +29,31 @@ Tokenizers: the driver reads both tokenizers' files once through
 pipelines.common.storage (local or s3://) and hands the bytes to the actors through
 Ray's object store, so actors on other machines need no access to its paths.
 
-Resume: a part is done when its output file exists (written atomically) and
-its Parquet metadata holds the fingerprint of (input part sha256, tokenizer
-hashes, output-relevant params); a rerun skips done parts and deletes outputs
-whose input part is gone. ``tokenizers.json`` (both tokenizers' hashes, read
-by pack for the manifest) is written beside the parts.
+Resume: a unit is done when its output file exists (written atomically) and
+its Parquet metadata holds the fingerprint of (input part sha256, the unit's row
+range, tokenizer hashes, output-relevant params); a rerun skips done units and
+deletes outputs that no unit of this run expects (input part gone, other ranges).
+``tokenizers.json`` (both tokenizers' hashes, read by pack for the manifest) is
+written beside the parts.
+
+Metrics: ``units`` / ``units_done`` / ``units_skipped`` count units (done: run
+now; skipped: finished before); ``parts`` counts input parts, ``parts_done`` those
+with at least one unit run now, ``parts_skipped`` those with every unit finished
+before; ``actor_processes`` is how many actor processes ran units; per-kind row
+and token counts cover every unit, finished now or before.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -50,7 +67,11 @@ from pipelines.common.schema import MODALITIES, TOKENIZERS, shard_table
 METADATA_KEY = b"beit3.tokenize"
 STAT_KEYS = ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts", "truncated_captions", "images")
 VISUAL_FILES = ("config.json", "model.safetensors")
-PNG_STRATEGY = 3   # zlib Z_RLE (see the module docstring); part of every part's fingerprint
+COLUMNS = {"text": ["id", "text", "source"], "image": ["id", "image", "source"],
+           "pair": ["id", "image", "source", "caption"]}  # what each kind's unit reads of its part
+PNG_STRATEGY = 3   # zlib Z_RLE (see the module docstring); part of every unit's fingerprint
+READ_BATCH = 256        # rows per record batch when reading a unit (also how rows before it are skipped)
+READ_BUFFER = 1 << 20   # Parquet pages stream through this buffer: a huge row group is never read whole
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,7 @@ class TokenizeConfig(StageOutput):
     max_caption_tokens: int = 64            # captions are truncated to this (incl. <s> </s>)
     precision: Literal["fp32", "bf16"] = "fp32"  # VQ-KD encoder autocast (bf16: GPU speed)
     png_compress_level: int = 6
+    rows_per_task: int = 2048               # input rows per Ray task (images: rounded up to batch_size)
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,35 +93,73 @@ class TokenizeConfig(StageOutput):
         check(self.max_text_tokens >= 3, "tokenize.max_text_tokens: must be >= 3")
         check(self.max_caption_tokens >= 3, "tokenize.max_caption_tokens: must be >= 3")
         check(0 <= self.png_compress_level <= 9, "tokenize.png_compress_level: must be in [0, 9]")
+        check(self.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
 
 
 def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str,
                     visual_tokenizer_dir: str, ray_cfg: RayConfig) -> dict:
-    """Tokenize every cleaned part not yet done into ``cfg.data_dir``; returns metrics."""
+    """Tokenize every unit of the cleaned parts not yet done into ``cfg.data_dir``; returns metrics."""
     start = time.time()
     files = read_tokenizer_files(text_tokenizer_dir, visual_tokenizer_dir)
     tokenizers = tokenizer_info(files, text_tokenizer_dir, visual_tokenizer_dir)
-    params = cfg.content_params() | {"num_actors": None, "png_strategy": PNG_STRATEGY}
-    base = json.dumps([tokenizers, params], sort_keys=True)
-    jobs, finished, expected = [], [], set()
-    for kind in MODALITIES:
-        for path in storage.list_files(storage.join(clean_dir, kind), ".parquet"):
-            out = storage.join(cfg.data_dir, kind, path.rsplit("/", 1)[-1])
-            expected.add(out)
-            fingerprint = storage.sha256(f"{base}\0{kind}\0{storage.sha256_file(path)}".encode())
-            previous = _part_metadata(out)
-            if previous.get("fingerprint") == fingerprint:
-                finished.append(previous["stats"])
-            else:
-                jobs.append({"kind": kind, "path": path, "out": out, "fingerprint": fingerprint})
-    if not expected:
+    # the unit's row range is in its fingerprint, so rows_per_task itself is not
+    params = cfg.content_params() | {"num_actors": None, "rows_per_task": None, "png_strategy": PNG_STRATEGY}
+    units = plan_units(cfg, clean_dir, json.dumps([tokenizers, params], sort_keys=True))
+    if not units:
         raise FileNotFoundError(f"{clean_dir}: no cleaned parts under text/, image/ or pair/")
-    _remove_stale(cfg.data_dir, expected)
+    jobs, finished = [], []
+    for unit in units:
+        previous = _output_metadata(unit["out"])
+        if previous.get("fingerprint") == unit["fingerprint"]:
+            finished.append(previous["stats"])
+        else:
+            jobs.append(unit)
+    _remove_stale(cfg.data_dir, {unit["out"] for unit in units})
     stats = _run(cfg, ray_cfg, jobs, files) if jobs else []
     storage.write_json(storage.join(cfg.data_dir, TOKENIZERS), tokenizers)
-    metrics = {"parts": len(expected), "parts_done": len(jobs), "parts_skipped": len(finished),
-               "seconds": round(time.time() - start, 2)}
-    for key in STAT_KEYS:  # over every output part, finished in this run or before
+    metrics = _metrics(units, jobs, finished, stats)
+    metrics["seconds"] = round(time.time() - start, 2)
+    return metrics
+
+
+def plan_units(cfg: TokenizeConfig, clean_dir: str, base: str) -> list[dict]:
+    """Every unit of every cleaned part, in output order: {kind, path, out, start, stop, fingerprint}.
+
+    ``base`` (tokenizers and params) enters every fingerprint, with the part's sha256 and
+    the unit's row range [start, stop)."""
+    units = []
+    for kind in MODALITIES:
+        for path in storage.list_files(storage.join(clean_dir, kind), ".parquet"):
+            digest = storage.sha256_file(path)
+            stem = path.rsplit("/", 1)[-1].removesuffix(".parquet")
+            for u, (start, stop) in enumerate(row_ranges(_num_rows(path), unit_rows(cfg, kind))):
+                fingerprint = storage.sha256(f"{base}\0{kind}\0{digest}\0{start}\0{stop}".encode())
+                out = storage.join(cfg.data_dir, kind, f"{stem}-{u:05d}.parquet")
+                units.append({"kind": kind, "path": path, "out": out, "start": start, "stop": stop,
+                              "fingerprint": fingerprint})
+    return units
+
+
+def unit_rows(cfg: TokenizeConfig, kind: str) -> int:
+    """Rows per unit of a ``kind`` part: image units start on VQ-KD batch boundaries (module docstring)."""
+    if kind == "text":
+        return cfg.rows_per_task
+    return -(-cfg.rows_per_task // cfg.batch_size) * cfg.batch_size
+
+
+def row_ranges(num_rows: int, step: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of ``step`` rows (the last may be short); an empty part
+    still gets one (empty) unit, so every input part has an output."""
+    return [(a, min(a + step, num_rows)) for a in range(0, num_rows, step)] or [(0, 0)]
+
+
+def _metrics(units: list[dict], jobs: list[dict], finished: list[dict], stats: list[dict]) -> dict:
+    """Stage metrics (see the module docstring) from the plan and the units' stats."""
+    parts, parts_run = {u["path"] for u in units}, {j["path"] for j in jobs}
+    metrics = {"units": len(units), "units_done": len(jobs), "units_skipped": len(finished),
+               "parts": len(parts), "parts_done": len(parts_run), "parts_skipped": len(parts - parts_run),
+               "actor_processes": len({s["pid"] for s in stats})}
+    for key in STAT_KEYS:  # over every output unit, finished in this run or before
         for kind in MODALITIES:
             total = sum(s[key] for s in stats + finished if s["kind"] == kind)
             if total:
@@ -146,7 +206,8 @@ def _run(cfg: TokenizeConfig, ray_cfg: RayConfig, jobs: list[dict], files: dict)
 
 
 class PartTokenizer:
-    """Ray Data actor: both models loaded once; one cleaned part in, one tokenized part out."""
+    """Ray Data actor: both models loaded once; one unit (a row range of a cleaned part) in, one
+    tokenized unit file out. (The worker-retry test finds its process by this class name.)"""
 
     def __init__(self, cfg: TokenizeConfig, files: list, threads: int):
         import ray
@@ -158,24 +219,25 @@ class PartTokenizer:
         self.text = TextTokenizer.from_bytes(files["text"])
         self.visual_files = files["visual"]
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.vqkd = None  # loaded on the first image part: text-only actors never pay for it
+        self.vqkd = None  # loaded on the first image unit: text-only actors never pay for it
 
     def __call__(self, batch: dict) -> dict:
-        job = {k: str(batch[k][0]) for k in batch}
+        job = {k: batch[k][0] for k in batch}
+        kind, path = str(job["kind"]), str(job["path"])
         start = time.time()
-        if job["kind"] == "text":
-            rows, stats = self.texts(job["path"])
+        table = read_rows(path, COLUMNS[kind], int(job["start"]), int(job["stop"]))
+        if kind == "text":
+            rows, stats = self.texts(table)
         else:
-            rows, stats = self.images(job["path"], with_captions=job["kind"] == "pair")
-        stats = {"kind": job["kind"], **dict.fromkeys(STAT_KEYS, 0), **stats, "rows_out": len(rows["id"])}
-        # the part's own record: rerun skips it when the fingerprint matches, metrics reuse stats
-        record = json.dumps({"fingerprint": job["fingerprint"], "stats": stats}, sort_keys=True)
+            rows, stats = self.images(table, path, with_captions=kind == "pair")
+        stats = {"kind": kind, **dict.fromkeys(STAT_KEYS, 0), **stats, "rows_out": len(rows["id"])}
+        # the unit's own record: rerun skips it when the fingerprint matches, metrics reuse stats
+        record = json.dumps({"fingerprint": str(job["fingerprint"]), "stats": stats}, sort_keys=True)
         table = shard_table(rows).replace_schema_metadata({METADATA_KEY: record.encode()})
-        storage.write_parquet(table, job["out"])
-        return {k: [v] for k, v in {**stats, "seconds": time.time() - start}.items()}
+        storage.write_parquet(table, str(job["out"]))
+        return {k: [v] for k, v in {**stats, "seconds": time.time() - start, "pid": os.getpid()}.items()}
 
-    def texts(self, path: str) -> tuple[dict, dict]:
-        table = storage.read_parquet(path, columns=["id", "text", "source"])
+    def texts(self, table: pa.Table) -> tuple[dict, dict]:
         ids, sources = table["id"].to_pylist(), table["source"].to_pylist()
         rows = _empty_rows()
         span = self.cfg.max_text_tokens - 2
@@ -190,9 +252,7 @@ class PartTokenizer:
                 tokens += len(chunk) + 2
         return rows, {"rows_in": len(ids), "chunked_docs": chunked, "empty_texts": empty, "text_tokens": tokens}
 
-    def images(self, path: str, with_captions: bool) -> tuple[dict, dict]:
-        columns = ["id", "image", "source"] + (["caption"] if with_captions else [])
-        table = storage.read_parquet(path, columns=columns)
+    def images(self, table: pa.Table, path: str, with_captions: bool) -> tuple[dict, dict]:
         rows, truncated, tokens = _empty_rows(), 0, 0
         for start in range(0, table.num_rows, self.cfg.batch_size):
             part = table.slice(start, self.cfg.batch_size).to_pydict()
@@ -255,8 +315,41 @@ def _append(rows: dict, sample_id, modality, text_ids, image, visual_tokens, sou
         rows[key].append(value)
 
 
-def _part_metadata(path: str) -> dict:
-    """{"fingerprint", "stats"} stored in a finished output part; {} if none (or unreadable)."""
+def read_rows(path: str, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet file: only the row groups that hold them are read,
+    in record batches through a bounded buffer, so memory holds the rows plus one batch."""
+    fs, p = storage.filesystem(path)
+    with fs.open_input_file(p) as f:
+        pf = pq.ParquetFile(f, buffer_size=READ_BUFFER)
+        groups, offset, at = [], 0, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset + n <= start:
+                at = offset + n  # the first row of the first group read
+            elif offset < stop:
+                groups.append(g)
+            offset += n
+        batches = []
+        if groups:
+            for batch in pf.iter_batches(batch_size=READ_BATCH, row_groups=groups, columns=columns):
+                lo, hi = max(start - at, 0), min(stop - at, batch.num_rows)
+                if hi > lo:
+                    batches.append(batch.slice(lo, hi - lo))
+                at += batch.num_rows
+                if at >= stop:
+                    break
+        if not batches:
+            return pa.schema([pf.schema_arrow.field(c) for c in columns]).empty_table()
+        return pa.Table.from_batches(batches)
+
+
+def _num_rows(path: str) -> int:
+    fs, p = storage.filesystem(path)
+    return pq.read_metadata(p, filesystem=fs).num_rows
+
+
+def _output_metadata(path: str) -> dict:
+    """{"fingerprint", "stats"} stored in a finished unit output; {} if none (or unreadable)."""
     if not storage.exists(path):
         return {}
     fs, p = storage.filesystem(path)
@@ -269,7 +362,8 @@ def _part_metadata(path: str) -> dict:
 
 
 def _remove_stale(out_dir: str, expected: set[str]) -> None:
-    """Delete outputs whose input part is gone and temp files of killed writes."""
+    """Delete outputs that no unit of this run expects (input part gone, other row ranges)
+    and temp files of killed writes."""
     for kind in MODALITIES:
         for path in storage.list_files(storage.join(out_dir, kind)):
             if path not in expected:

@@ -242,12 +242,22 @@ def _fit(cfg: PretrainConfig, job: dict, name: str):
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=absolute(cfg.checkpoint_dir),
+            **checkpoint_storage(cfg.checkpoint_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     return trainer.fit()
+
+
+def checkpoint_storage(checkpoint_dir: str) -> dict:
+    """RunConfig's storage for a local folder or an object-store URI (s3://): Ray Train
+    writes and reads the checkpoints through the same pyarrow file system as the stages
+    (endpoint and keys from the AWS_* variables)."""
+    if not storage.is_uri(checkpoint_dir):
+        return {"storage_path": absolute(checkpoint_dir)}
+    filesystem, path = storage.filesystem(checkpoint_dir)
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def export_model(ckpt_dir: str, out_dir: str, with_samples: bool) -> None:
