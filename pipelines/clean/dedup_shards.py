@@ -4,8 +4,8 @@ The map of pipelines.clean.rows spills every row to Parquet chunks (input
 order, with ``order``: one int64 per row, and ``bands``: the row's near-dedup
 bucket keys from :class:`pipelines.clean.dedup.NearRules`). Then:
 
-1. :func:`dedup_shard`, one Ray task per shard ``s`` of ``n``, reads only the
-   small columns of every chunk and keeps what hashes to ``s``:
+1. :func:`dedup_shard`, one Ray task per shard ``s`` of ``n``, reads its key
+   partition, which holds what hashes to ``s``:
    - exact: kept rows whose id hashes to ``s``; sorted by (kind, id, order), every
      row after the first of its id is a ``duplicate`` of the first;
    - near: (bucket key, order, id) of every band whose key hashes to ``s``; buckets
@@ -18,23 +18,24 @@ bucket keys from :class:`pipelines.clean.dedup.NearRules`). Then:
 2. :func:`resolve`, one Ray task, runs the greedy rule of pipelines.clean.dedup over
    the edges sorted by (i, j): i is dropped iff some earlier neighbour j is still
    kept, and the earliest such j is named. It writes ``dropped.parquet``: every
-   dropped row, sorted by order. Its memory is O(duplicates + edges), never
+   dropped row, sorted by order, one file per chunk that has any. Its memory is O(duplicates + edges), never
    O(rows): rows with no near or exact copy never reach it.
 
-The driver only passes paths: O(shards + chunks). Same rows give the same
-dropped file (everything is sorted by order or id).
-
-Cost: every shard task reads the small columns (order, kind, kept, id,
-location, bands: ~200 bytes a text row) of every chunk, so reads grow as rows x
-shards; with clean.dedup_shard_rows at 100k that is cheap up to some millions
-of rows. Beyond that, the map should write these columns already partitioned
-by shard (one row group per shard) so that each task reads only its own.
+The map writes the keys that step 1 needs already partitioned by shard
+(:func:`write_keys`: ``keys/<shard>/<chunk's first order>.parquet``, one small
+file per chunk and shard that has keys), so each shard task reads only its own
+partition: total key reads are linear in rows, whatever the shard count. The
+full rows of candidate-group members are read from the chunks that hold them,
+only the row groups holding them. The driver only passes paths: O(shards +
+chunks). Same rows give the same dropped rows (everything is sorted by order or
+id), whatever the shard count.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines.clean.dedup import NearRules
 from pipelines.common import storage
@@ -45,6 +46,11 @@ DROPPED_SCHEMA = pa.schema([("order", pa.int64()), ("kind", pa.string()), ("id",
 EDGE_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("kind", pa.string()), ("id", pa.string()),
                          ("location", pa.string()), ("detail", pa.string())])
 CONFIRM_COLUMNS = ["order", "kind", "id", "location", "minhash", "phash", "thumb", "caption_hash"]
+# One shard's keys from one chunk: an exact-dedup entry (band null: a kept row whose id
+# hashes to the shard) or a near-dedup bucket entry (band set; kind and location null).
+KEY_SCHEMA = pa.schema([("order", pa.int64()), ("kind", pa.string()), ("id", pa.string()),
+                        ("location", pa.string()), ("band", pa.uint64())])
+KEY_COLUMNS = ["order", "kind", "kept", "id", "location", "bands"]  # what the map passes to write_keys
 
 
 def id_shards(ids: pa.Array, num_shards: int) -> np.ndarray:
@@ -52,30 +58,53 @@ def id_shards(ids: pa.Array, num_shards: int) -> np.ndarray:
     return np.array([int(i[:15], 16) % num_shards for i in ids.to_pylist()], np.int64)
 
 
-def dedup_shard(chunks: list[str], shard: int, num_shards: int, rules: NearRules, work: str) -> dict:
-    """Ray task: exact duplicates and confirmed near-duplicate edges of one shard."""
-    exact, bands = [], []
-    for path in chunks:
-        t = storage.read_parquet(path, columns=["order", "kind", "kept", "id", "location", "bands"])
-        t = t.filter(t.column("kept"))
-        if not len(t):
-            continue
-        exact.append(t.filter(pa.array(id_shards(t.column("id"), num_shards) == shard))
-                     .select(["kind", "id", "order", "location"]))
-        col = t.column("bands").combine_chunks()
-        keys = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-        if len(keys):
-            mine = np.nonzero(keys % np.uint64(num_shards) == shard)[0]
-            rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)[mine]
-            bands.append(pa.table({"band": keys[mine], "order": t.column("order").take(rows),
-                                   "id": t.column("id").take(rows)}))
-    dups = _exact_duplicates(exact)
-    edges = _near_edges(chunks, _candidate_groups(bands), rules)
+def partition_keys(rows: pa.Table, num_shards: int) -> dict[int, pa.Table]:
+    """{shard: KEY_SCHEMA table} of a chunk's rows (KEY_COLUMNS; rejected rows take no part)."""
+    t = rows.filter(rows.column("kept"))
+    if not len(t):
+        return {}
+    col = t.column("bands").combine_chunks()
+    keys = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.uint64)
+    parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+    none = pa.nulls(len(keys), pa.string())
+    table = pa.concat_tables([
+        pa.table([t.column("order"), t.column("kind"), t.column("id"), t.column("location"),
+                  pa.nulls(len(t), pa.uint64())], schema=KEY_SCHEMA),
+        pa.table([t.column("order").take(parents), none, t.column("id").take(parents), none,
+                  pa.array(keys, pa.uint64())], schema=KEY_SCHEMA)])
+    shard = np.concatenate([id_shards(t.column("id"), num_shards), (keys % np.uint64(num_shards)).astype(np.int64)])
+    return {int(s): table.filter(pa.array(shard == s)) for s in np.unique(shard)}
+
+
+def key_path(keys: str, shard: int, first_order: int) -> str:
+    return storage.join(keys, f"{shard:05d}", f"{first_order:019d}.parquet")
+
+
+def write_keys(keys: str, first_order: int, rows: pa.Table, num_shards: int) -> None:
+    """Write a chunk's keys, one file per shard that has any (fixed names: a retried map
+    task rewrites the same files)."""
+    for shard, table in partition_keys(rows, num_shards).items():
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        storage.write_bytes(key_path(keys, shard, first_order), sink.getvalue(), durable=False)
+
+
+def dedup_shard(keys: str, chunks: list[tuple[int, str]], shard: int, rules: NearRules, work: str) -> dict:
+    """Ray task: exact duplicates and confirmed near-duplicate edges of one shard, from its key
+    partition under ``keys``; ``chunks`` ((first order, path), in order) are read only for the
+    members of candidate groups."""
+    files = storage.list_files(storage.join(keys, f"{shard:05d}"), ".parquet")
+    t = pa.concat_tables([storage.read_parquet(f) for f in files]) if files else KEY_SCHEMA.empty_table()
+    is_band = pc.is_valid(t.column("band"))
+    exact = t.filter(pc.invert(is_band)).select(["kind", "id", "order", "location"])
+    bands = t.filter(is_band).select(["band", "order", "id"])
+    dups = _exact_duplicates([exact] if len(exact) else [])
+    edges = _near_edges(chunks, _candidate_groups([bands] if len(bands) else []), rules)
     out = {"exact": storage.join(work, f"exact-{shard:05d}.parquet"),
            "edges": storage.join(work, f"edges-{shard:05d}.parquet")}
     storage.write_parquet(dups, out["exact"])
     storage.write_parquet(edges, out["edges"])
-    return {**out, "exact_rows": len(dups), "edge_rows": len(edges)}
+    return {**out, "exact_rows": len(dups), "edge_rows": len(edges), "key_files": len(files)}
 
 
 def _exact_duplicates(parts: list[pa.Table]) -> pa.Table:
@@ -115,14 +144,14 @@ def _candidate_groups(parts: list[pa.Table]) -> list[list[int]]:
     return groups
 
 
-def _near_edges(chunks: list[str], groups: list[list[int]], rules: NearRules) -> pa.Table:
+def _near_edges(chunks: list[tuple[int, str]], groups: list[list[int]], rules: NearRules) -> pa.Table:
     """Confirm every pair of every candidate group; members are read in full only here."""
-    needed = pa.array(sorted({o for g in groups for o in g}), pa.int64())
+    needed = np.array(sorted({o for g in groups for o in g}), np.int64)
     rows: dict[int, dict] = {}
     if len(needed):
-        for path in chunks:
-            t = storage.read_parquet(path, columns=CONFIRM_COLUMNS)
-            for row in t.filter(pc.is_in(t.column("order"), value_set=needed)).to_pylist():
+        owner = np.searchsorted(np.array([c[0] for c in chunks], np.int64), needed, side="right") - 1
+        for k in np.unique(owner):
+            for row in _read_members(chunks[k][1], needed[owner == k]):
                 rows[row["order"]] = row
     edges = {name: [] for name in EDGE_SCHEMA.names}
     seen = set()
@@ -136,6 +165,23 @@ def _near_edges(chunks: list[str], groups: list[list[int]], rules: NearRules) ->
                 _append(edges, i=i, j=j, kind=rows[i]["kind"], id=rows[i]["id"], location=rows[i]["location"],
                         detail=detail)
     return pa.table(edges, schema=EDGE_SCHEMA)
+
+
+def _read_members(path: str, orders: np.ndarray) -> list[dict]:
+    """CONFIRM_COLUMNS of the rows with these orders, reading only the row groups whose
+    order range (Parquet statistics) can hold one of them."""
+    fs, p = storage.filesystem(path)
+    with fs.open_input_file(p) as f:
+        pfile = pq.ParquetFile(f)
+        meta, groups = pfile.metadata, []
+        col = next(c for c in range(meta.num_columns) if meta.row_group(0).column(c).path_in_schema == "order") \
+            if meta.num_row_groups else 0
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max or np.any((orders >= st.min) & (orders <= st.max)):
+                groups.append(g)
+        t = pfile.read_row_groups(groups, columns=CONFIRM_COLUMNS)
+    return t.filter(pc.is_in(t.column("order"), value_set=pa.array(orders, pa.int64()))).to_pylist()
 
 
 def _pairs_to_confirm(members: list[int], rows: dict[int, dict], rules: NearRules) -> list[tuple[int, int]]:
@@ -157,8 +203,10 @@ def _append(columns: dict[str, list], **row) -> None:
         columns[name].append(value)
 
 
-def resolve(shard_outputs: list[dict], out_path: str) -> dict:
-    """Ray task: greedy near dedup over all edges; writes every dropped row sorted by order."""
+def resolve(shard_outputs: list[dict], folder: str, chunk_firsts: list[int]) -> dict:
+    """Ray task: greedy near dedup over all edges; writes every dropped row, sorted by order,
+    to ``folder/<first order>.parquet`` of the chunk (first orders ascending) that holds it.
+    Returns {first order: dropped rows} of the chunks that have any."""
     exact = [storage.read_parquet(o["exact"]) for o in shard_outputs]
     edges = [storage.read_parquet(o["edges"]) for o in shard_outputs]
     edges = pa.concat_tables(edges).sort_by([("i", "ascending"), ("j", "ascending")]) if edges else EDGE_SCHEMA.empty_table()
@@ -172,8 +220,18 @@ def resolve(shard_outputs: list[dict], out_path: str) -> dict:
         _append(near, order=i, kind=kind, id=row_id, location=where, reason="near_duplicate", detail=detail,
                 step="near_dedup")
     table = pa.concat_tables([*exact, pa.table(near, schema=DROPPED_SCHEMA)]).sort_by("order")
-    storage.write_parquet(table, out_path)
-    return {"path": out_path, "rows": len(table)}
+    owner = np.searchsorted(np.array(chunk_firsts, np.int64), table.column("order").to_numpy(), side="right") - 1
+    files = {}
+    for k in np.unique(owner):
+        first = int(chunk_firsts[k])
+        storage.write_parquet(table.filter(pa.array(owner == k)), dropped_path(folder, first))
+        files[first] = int(np.sum(owner == k))
+    return files
 
 
-__all__ = ["DROPPED_SCHEMA", "dedup_shard", "resolve", "id_shards"]
+def dropped_path(folder: str, first_order: int) -> str:
+    return storage.join(folder, f"{first_order:019d}.parquet")
+
+
+__all__ = ["DROPPED_SCHEMA", "KEY_SCHEMA", "KEY_COLUMNS", "dedup_shard", "resolve", "id_shards", "partition_keys",
+           "write_keys", "dropped_path"]

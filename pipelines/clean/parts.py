@@ -8,7 +8,9 @@ most ``ROW_GROUP_BYTES``, so the writer holds one encoded part (<= about
 part_bytes: images do not compress further, text shrinks) plus one row group of
 Arrow rows; the part is written atomically (storage.write_bytes) once full. All
 cuts depend on the rows alone, never on how they were batched, so the same rows
-give byte-identical parts.
+give byte-identical parts, and a writer started at a part boundary (``first_part``:
+the global number of its first part) writes exactly the parts a single writer
+would (pipelines.clean.outputs runs the output pass this way, in parallel).
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def row_sizes(table: pa.Table) -> np.ndarray:
 class PartWriter:
     """Write a stream of tables (all of ``schema``), in order, as byte- and row-bounded parts."""
 
-    def __init__(self, out: str, name: str, schema: pa.Schema, part_rows: int, part_bytes: int):
-        self.out, self.name, self.schema = out, name, schema
+    def __init__(self, out: str, name: str, schema: pa.Schema, part_rows: int, part_bytes: int, first_part: int = 0):
+        self.out, self.name, self.schema, self.first_part = out, name, schema, first_part
         self.part_rows, self.part_bytes = part_rows, part_bytes
         self.rg_bytes = min(part_bytes, ROW_GROUP_BYTES)
         self.group: list[pa.Table] = []
@@ -93,7 +95,7 @@ class PartWriter:
         self._flush_group()
         self.writer.close()
         data = self.sink.getvalue()
-        storage.write_bytes(storage.join(self.out, self.name, f"part-{self.stats['parts']:05d}.parquet"), data)
+        storage.write_bytes(storage.join(self.out, self.name, f"part-{self.first_part + self.stats['parts']:05d}.parquet"), data)
         self.stats["parts"] += 1
         self.stats["rows"] += self.part_n
         self.stats["bytes"] += data.size

@@ -1,13 +1,15 @@
 """The per-row half of ``clean``: the Ray task that reads units and runs every step.
 
-:func:`map_units` is the map: a block of consecutive units (files, tars, chunks
-of image files) in, one row of :data:`ROW_SCHEMA` per input row whether kept or
-rejected, spilled to Parquet chunks ``<work>/rows/<order of first row>.parquet``
-(consecutive units of one source, at most ``CHUNK_BYTES`` each, written
-atomically, so a retried task rewrites the same files) and only a summary per
-chunk returned: the map holds a few rows and one encoded chunk, never a whole
-unit. The global dedup happens afterwards, in sharded Ray tasks over the chunks
-(pipelines.clean.dedup_shards).
+:func:`map_units` is the map: a block of consecutive units (pipelines.clean.units:
+files, parts of a large file, tars, chunks of image files) in, one row of
+:data:`ROW_SCHEMA` per input row whether kept or rejected, spilled to Parquet
+chunks ``<work>/rows/<order of first row>.parquet`` (consecutive units of one
+source, at most ``CHUNK_BYTES`` each, written atomically, so a retried task
+rewrites the same files) and only a summary per chunk returned: the map holds a
+few rows and one encoded chunk, never a whole unit. Beside each chunk it writes
+the chunk's dedup keys partitioned by dedup shard (``<work>/keys/<shard>/``,
+pipelines.clean.dedup_shards.write_keys), so the global dedup that follows, in
+sharded Ray tasks, reads each key once.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.clean.dedup_shards import KEY_COLUMNS, write_keys
 from pipelines.clean.image_filters import IMAGE_STEPS
 from pipelines.clean.parts import compression
 from pipelines.clean.rejects import Reject, content_id, run_steps
@@ -59,21 +62,21 @@ STEPS = {
 
 
 def map_units(units: list[dict], shared: tuple) -> list[dict]:
-    """Ray task: ``units`` ({source_idx, unit_idx, files}), consecutive in input order, and
-    ``shared`` = (sources, CleanConfig, NearRules, work folder); spills every row and returns
-    one summary per chunk written: {path, first_order, source_idx, rows, kept, bytes}. A
-    chunk spans units of one source (few, large files: every later phase pays a fixed cost
-    per chunk read)."""
-    sources, cfg, rules, work = shared
+    """Ray task: ``units`` ({source_idx, unit_idx, unit: Unit}), consecutive in input order, and
+    ``shared`` = (sources, CleanConfig, NearRules, work folder, dedup shards); spills every row
+    and its dedup keys and returns one summary per chunk written: {path, first_order,
+    source_idx, rows, kept, bytes}. A chunk spans units of one source (few, large files:
+    every later phase pays a fixed cost per chunk read)."""
+    sources, cfg, rules, work, num_shards = shared
     limits = ReadLimits(max_file_bytes=int(cfg.max_file_mb * 2**20), max_line_bytes=cfg.max_line_bytes)
     written, spill = [], None
     for unit in units:
         s, u = unit["source_idx"], unit["unit_idx"]
         if spill is None or spill.source_idx != s:
             written += spill.close() if spill else []
-            spill = ChunkSpiller(storage.join(work, "rows"), s)
+            spill = ChunkSpiller(work, s, num_shards)
         source, rows = sources[s], []
-        for row_idx, record in enumerate(read_unit(source, tuple(unit["files"]), limits)):
+        for row_idx, record in enumerate(read_unit(source, unit["unit"], limits)):
             row = process_record(record, source.kind, cfg)
             row.update(order=row_order(s, u, row_idx), source_idx=s, unit_idx=u, row_idx=row_idx,
                        row_key=f"{s}:{u}:{row_idx}", source=source.name, kind=source.kind, location=record.location)
@@ -90,12 +93,15 @@ def map_units(units: list[dict], shared: tuple) -> list[dict]:
 
 class ChunkSpiller:
     """Encode row tables as row groups of one Parquet file in memory; write it (atomically,
-    named by its first row's order) once it reaches CHUNK_BYTES, and at close."""
+    named by its first row's order) once it reaches CHUNK_BYTES, and at close, with its dedup
+    keys partitioned into ``num_shards`` shards."""
 
-    def __init__(self, folder: str, source_idx: int):
-        self.folder, self.source_idx = folder, source_idx
+    def __init__(self, work: str, source_idx: int, num_shards: int):
+        self.folder, self.keys = storage.join(work, "rows"), storage.join(work, "keys")
+        self.source_idx, self.num_shards = source_idx, num_shards
         self.written: list[dict] = []
         self.sink = self.writer = None
+        self.key_rows: list[pa.Table] = []
 
     def add(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -103,6 +109,7 @@ class ChunkSpiller:
             self.writer = pq.ParquetWriter(self.sink, ROW_SCHEMA, compression=compression(ROW_SCHEMA))
             self.first, self.rows, self.kept = table.column("order")[0].as_py(), 0, 0
         self.writer.write_table(table, row_group_size=len(table))
+        self.key_rows.append(table.select(KEY_COLUMNS))
         self.rows += len(table)
         self.kept += int(pc.sum(table.column("kept")).as_py() or 0)
         if self.sink.tell() >= CHUNK_BYTES:
@@ -113,10 +120,12 @@ class ChunkSpiller:
         if self.writer is not None:
             self.writer.close()
             path, data = storage.join(self.folder, f"{self.first:019d}.parquet"), self.sink.getvalue()
+            write_keys(self.keys, self.first, pa.concat_tables(self.key_rows), self.num_shards)
             storage.write_bytes(path, data, durable=False)  # scratch: a killed run's work folder is cleared
             self.written.append({"path": path, "first_order": self.first, "source_idx": self.source_idx,
                                  "rows": self.rows, "kept": self.kept, "bytes": data.size})
             self.sink = self.writer = None
+            self.key_rows = []
         return self.written
 
 

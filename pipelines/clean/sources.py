@@ -1,9 +1,10 @@
 """Source declarations (params.yaml ``sources``) and readers for every format.
 
-A source is split into *units* (one file, one tar, or a chunk of image files)
-so Ray can read them in parallel; :func:`read_unit` turns one unit into
-:class:`Record` s, one per input row. Rows that cannot be read (malformed JSON,
-a missing image, a tar member named ``../x``) come out as records carrying a
+A source is split into *units* (pipelines.clean.units: files, parts of a large
+file, tars, chunks of image files) so Ray can read them in parallel;
+:func:`read_unit` turns one unit into :class:`Record` s, one per input row. Rows
+that cannot be read (malformed JSON, a missing image, a tar member named
+``../x``) come out as records carrying a
 :class:`~pipelines.clean.rejects.Reject`, so they are counted and written to the
 rejected output instead of disappearing.
 
@@ -104,32 +105,15 @@ class Record:
     raw: bytes = b""
 
 
-def plan_units(source: SourceConfig, files_per_unit: int) -> list[tuple[str, ...]]:
-    """Split a source into units of files; raises FileNotFoundError if its path is absent."""
-    if not storage.exists(source.path):
-        raise FileNotFoundError(f"sources.{source.name}.path: {source.path!r} does not exist")
-    files = _source_files(source)
-    if source.format != "folder":
-        return [(f,) for f in files]
-    return [tuple(files[i:i + files_per_unit]) for i in range(0, len(files), files_per_unit)]
-
-
-def _source_files(source: SourceConfig) -> list[str]:
-    """A declared file whatever its name (its reader rejects what it cannot interpret, so it is
-    never skipped unseen); a folder's files of the format, sorted."""
-    if storage.file_info(source.path)[0] == pafs.FileType.File:
-        return [str(source.path)]
-    if source.format in TEXT_FORMATS:
-        return [f for f in storage.list_files(source.path) if is_text_file(f, source.format)]
-    return storage.list_files(source.path, SUFFIXES[source.format])
-
-
-def read_unit(source: SourceConfig, files: tuple[str, ...], limits: ReadLimits) -> Iterator[Record]:
-    """Every row of one unit, in file order."""
+def read_unit(source: SourceConfig, unit, limits: ReadLimits) -> Iterator[Record]:
+    """Every row of one unit (a :class:`pipelines.clean.units.Unit`, or a tuple of files), in
+    file order; a unit's ``span`` (a byte range or row groups of its one file) selects part
+    of that file."""
     reader = READERS[(source.kind, source.format)]
     limits = replace(limits, root=_real_root(source))
+    files, span = (unit, None) if isinstance(unit, tuple) else (unit.files, unit.span)
     for path in files:
-        yield from reader(source, path, limits)
+        yield from reader(source, path, limits, span)
 
 
 # ---------------------------------------------------------------- confinement
@@ -169,11 +153,12 @@ def _read_file(source: SourceConfig, path: str, limits: ReadLimits) -> bytes:
 
 # ---------------------------------------------------------------- lines
 
-def _lines(path: str, fmt: str, limits: ReadLimits) -> Iterator[tuple[str, bytes | Reject, bytes]]:
-    """(location, line or Reject, raw) of a txt/JSONL file's non-blank lines; a file it cannot
-    read (its name, a corrupt compressed stream) ends in one Reject located at the file."""
+def _lines(path: str, fmt: str, limits: ReadLimits, span=None) -> Iterator[tuple[str, bytes | Reject, bytes]]:
+    """(location, line or Reject, raw) of a txt/JSONL file's non-blank lines (those of its byte
+    span); a file it cannot read (its name, a corrupt compressed stream) ends in one Reject
+    located at the file."""
     try:
-        for lineno, line, length in text_lines(path, fmt, limits.max_line_bytes):
+        for lineno, line, length in text_lines(path, fmt, limits.max_line_bytes, span):
             where = f"{path}:{lineno}"
             if line is None:
                 yield where, Reject("line_too_long", f"{length} bytes > max_line_bytes"), where.encode()
@@ -183,8 +168,8 @@ def _lines(path: str, fmt: str, limits: ReadLimits) -> Iterator[tuple[str, bytes
         yield path, rej, path.encode()
 
 
-def _json_lines(path: str, limits: ReadLimits) -> Iterator[tuple[str, dict | Reject, bytes]]:
-    for where, line, raw in _lines(path, "jsonl", limits):
+def _json_lines(path: str, limits: ReadLimits, span=None) -> Iterator[tuple[str, dict | Reject, bytes]]:
+    for where, line, raw in _lines(path, "jsonl", limits, span):
         if isinstance(line, Reject):
             yield where, line, raw
             continue
@@ -212,13 +197,13 @@ def _field(obj: dict, name: str, types: type | tuple) -> object:
 
 # ---------------------------------------------------------------- text
 
-def _text_txt(source, path, limits):
-    for where, line, raw in _lines(path, "txt", limits):
+def _text_txt(source, path, limits, span=None):
+    for where, line, raw in _lines(path, "txt", limits, span):
         yield Record(where, reject=line, raw=raw) if isinstance(line, Reject) else Record(where, text=line, raw=raw)
 
 
-def _text_jsonl(source, path, limits):
-    for where, obj, raw in _json_lines(path, limits):
+def _text_jsonl(source, path, limits, span=None):
+    for where, obj, raw in _json_lines(path, limits, span):
         try:
             if isinstance(obj, Reject):
                 raise obj
@@ -227,9 +212,9 @@ def _text_jsonl(source, path, limits):
             yield Record(where, reject=rej, raw=raw)
 
 
-def _pair_jsonl(source, path, limits):
+def _pair_jsonl(source, path, limits, span=None):
     folder = posixpath.dirname(path)
-    for where, obj, raw in _json_lines(path, limits):
+    for where, obj, raw in _json_lines(path, limits, span):
         try:
             if isinstance(obj, Reject):
                 raise obj
@@ -245,16 +230,19 @@ def _pair_jsonl(source, path, limits):
 
 # ---------------------------------------------------------------- parquet
 
-def _parquet_rows(source, path, kind, limits) -> Iterator[tuple[str, dict | Reject, dict]]:
-    """(location, row as {column: value} or a file-level Reject, role -> column) per row."""
+def _parquet_rows(source, path, kind, limits, span=None) -> Iterator[tuple[str, dict | Reject, dict]]:
+    """(location, row as {column: value} or a file-level Reject, role -> column) per row (of
+    the row groups of ``span``, a RowGroupSpan, numbered as in the whole file)."""
     roles = {}
     try:
         _confine(source, path, limits)
         fs, p = storage.filesystem(path)
         pfile = pq.ParquetFile(fs.open_input_file(p))
         roles = _parquet_columns(source, kind, pfile.schema_arrow.names)
-        row = 0
-        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=sorted(set(roles.values()))):
+        groups = list(range(span.first, span.end)) if span else None
+        row = span.rows_before if span else 0
+        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups,
+                                        columns=sorted(set(roles.values()))):
             for values in batch.to_pylist():
                 yield f"{path}:row{row}", values, roles
                 row += 1
@@ -310,8 +298,8 @@ def _parquet_record(kind: str, where: str, values: dict, roles: dict[str, str]) 
 
 
 def _parquet_reader(kind: str):
-    def read(source, path, limits):
-        for where, values, roles in _parquet_rows(source, path, kind, limits):
+    def read(source, path, limits, span=None):
+        for where, values, roles in _parquet_rows(source, path, kind, limits, span):
             try:
                 if isinstance(values, Reject):
                     raise values
@@ -323,7 +311,7 @@ def _parquet_reader(kind: str):
 
 # ---------------------------------------------------------------- images in a folder
 
-def _image_folder(source, path, limits):
+def _image_folder(source, path, limits, span=None):
     try:
         if not path.lower().endswith(FOLDER_IMAGE_EXTS):
             raise Reject("unsupported_extension", f"{posixpath.basename(path)} is not one of {FOLDER_IMAGE_EXTS}")
@@ -336,7 +324,7 @@ def _image_folder(source, path, limits):
 # ---------------------------------------------------------------- webdataset
 
 def _webdataset_reader(kind: str):
-    def read(source, path, limits):
+    def read(source, path, limits, span=None):
         try:
             _confine(source, path, limits)
         except Reject as rej:
@@ -400,4 +388,4 @@ READERS = {
     ("pair", "webdataset"): _webdataset_reader("pair"),
 }
 
-__all__ = ["FORMATS", "COLUMN_KEYS", "SourceConfig", "ReadLimits", "Record", "plan_units", "read_unit", "iter_lines", "escapes"]
+__all__ = ["FORMATS", "COLUMN_KEYS", "SourceConfig", "ReadLimits", "Record", "read_unit", "iter_lines", "escapes"]

@@ -7,6 +7,7 @@ import os
 import random
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -277,3 +278,75 @@ def test_clean_counts_img2dataset_and_compressed_sources_and_fails_on_an_empty_o
         clean_sources([sources[2], SourceConfig("gone", "text", "jsonl", str(root / "empty"))],
                       CleanConfig(out_dir=str(tmp_path / "out_empty")), RAY)
     assert not os.path.exists(tmp_path / "out_empty")  # nothing published
+
+
+# ---------------------------------------------------------------- map units
+
+WORDS = ["module", "returns", "reads", "files", "records", "caller", "string", "number", "value", "object", "list",
+         "parser", "socket", "thread", "buffer", "stream", "format", "option", "handler", "result", "default"]
+
+
+def corpus_lines(n: int, seed: int) -> list[bytes]:
+    """Short JSON documents with exact copies, near copies (one word changed), malformed and
+    blank lines, and documents the text filters reject."""
+    rng, docs, lines = random.Random(seed), [], []
+    for k in range(n):
+        r = rng.random()
+        if docs and r < 0.1:
+            doc = rng.choice(docs)
+        elif docs and r < 0.2:
+            words = rng.choice(docs).split()
+            words[rng.randrange(len(words))] = "changed"
+            doc = " ".join(words)
+        elif r < 0.22:
+            lines.append(b"{not json" if r < 0.21 else b"")
+            continue
+        elif r < 0.24:
+            doc = "two words"
+        else:
+            doc = f"Document {k} " + " ".join(rng.choice(WORDS) for _ in range(rng.randrange(20, 40)))
+            docs.append(doc)
+        lines.append(json.dumps({"text": doc}).encode())
+    return lines
+
+
+def clean_twice(tmp_path, sources, small: int, **kw) -> None:
+    """Clean with map units of ``small`` bytes and with one unit per file: the same metrics
+    and byte-identical files (kept ids, rejected rows with locations and details, parts)."""
+    runs = {}
+    for name, unit_bytes in (("one", 2**40), ("split", small)):
+        cfg = CleanConfig(out_dir=str(tmp_path / name), unit_bytes=unit_bytes, **kw)
+        runs[name] = clean_sources(sources, cfg, RAY)
+    assert runs["split"] == runs["one"]
+    files = {n: [os.path.relpath(f, tmp_path / n) for f in storage.list_files(str(tmp_path / n))] for n in runs}
+    assert files["split"] == files["one"] and files["one"]
+    for f in files["one"]:
+        assert storage.sha256_file(str(tmp_path / "one" / f)) == storage.sha256_file(str(tmp_path / "split" / f)), f
+    assert runs["one"]["sources"][sources[0].name]["rejected_by_reason"].keys() >= {"duplicate", "near_duplicate"}
+
+
+@pytest.mark.slow
+def test_splitting_a_big_jsonl_file_into_units_is_invisible(ray_local, tmp_path):
+    from pipelines.clean.units import plan_units
+
+    path = tmp_path / "in/big.jsonl"
+    write_lines(path, corpus_lines(20_000, 0))
+    source = SourceConfig("big", "text", "jsonl", str(path))
+    small = path.stat().st_size // 7 + 1
+    units = plan_units(source, 1, small)
+    assert len(units) == 7 and units[0].span.start == 0 and units[-1].span.end == path.stat().st_size
+    clean_twice(tmp_path, [source], small, part_rows=1000)
+
+
+def test_splitting_parquet_by_row_groups_is_invisible(ray_local, tmp_path):
+    from pipelines.clean.units import plan_units
+
+    texts = [json.loads(line)["text"] if line.startswith(b"{\"") else None for line in corpus_lines(4000, 1)]
+    path = tmp_path / "in/docs.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path, row_group_size=300)
+    source = SourceConfig("pq", "text", "parquet", str(path))
+    small = path.stat().st_size // 5
+    units = plan_units(source, 1, small)
+    assert len(units) >= 4 and units[1].span.rows_before == 300 * units[0].span.end
+    clean_twice(tmp_path, [source], small, part_rows=700)

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.clean import CleanConfig
 from pipelines.clean.dedup import NearRules
-from pipelines.clean.dedup_shards import dedup_shard, resolve
+from pipelines.clean.dedup_shards import KEY_COLUMNS, dedup_shard, resolve, write_keys
 from pipelines.clean.parts import PartWriter, row_sizes
 from pipelines.clean.rejects import content_id
 from pipelines.clean.rows import ROW_SCHEMA, row_order
@@ -63,8 +63,9 @@ def image_rows(rng: random.Random, kind: str) -> list[dict]:
     return out
 
 
-def spill(tmp_path, rows: list[dict], rules: NearRules, per_chunk: int) -> list[str]:
-    """Rows as the clean map spills them (order, bands, a rejected row now and then)."""
+def spill(tmp_path, rows: list[dict], rules: NearRules, per_chunk: int) -> list[tuple[int, str]]:
+    """Rows as the clean map spills them (order, bands, a rejected row now and then):
+    (first order, path) of each chunk."""
     full = []
     for k, row in enumerate(rows):
         full.append({**row, "order": row_order(0, k // per_chunk, k % per_chunk), "location": f"in/{k}",
@@ -77,14 +78,23 @@ def spill(tmp_path, rows: list[dict], rules: NearRules, per_chunk: int) -> list[
     for c in range(0, len(full), per_chunk):
         path = str(tmp_path / "rows" / f"{full[c]['order']:019d}.parquet")
         storage.write_parquet(pa.Table.from_pylist(full[c:c + per_chunk], schema=ROW_SCHEMA), path)
-        paths.append(path)
+        paths.append((full[c]["order"], path))
     return paths
 
 
-def sharded(tmp_path, paths, shards: int, rules: NearRules) -> list[tuple]:
+def sharded(tmp_path, chunks, shards: int, rules: NearRules) -> list[tuple]:
+    """The dedup of clean_sources: keys partitioned as the map writes them, shard tasks, resolve."""
     work = str(tmp_path / f"work-{shards}")
-    outs = [dedup_shard(paths, s, shards, rules, work) for s in range(shards)]
-    table = storage.read_parquet(resolve(outs, os.path.join(work, "dropped.parquet"))["path"])
+    keys = os.path.join(work, "keys")
+    for first, path in chunks:
+        write_keys(keys, first, storage.read_parquet(path, columns=KEY_COLUMNS), shards)
+    outs = [dedup_shard(keys, chunks, s, rules, work) for s in range(shards)]
+    files = resolve(outs, os.path.join(work, "dropped"), [first for first, _ in chunks])
+    assert set(files) <= {first for first, _ in chunks}
+    parts = [storage.read_parquet(os.path.join(work, "dropped", f"{first:019d}.parquet")) for first in sorted(files)]
+    table = pa.concat_tables(parts) if parts else None
+    if table is None:
+        return []
     assert table.column("order").to_pylist() == sorted(table.column("order").to_pylist())
     return [(r["location"], r["reason"], r["detail"], r["step"]) for r in table.to_pylist()]
 
@@ -166,3 +176,27 @@ def test_part_bytes_is_validated():
     with pytest.raises(ParamsError, match="clean.part_bytes: expected an integer"):
         build(CleanConfig, {"out_dir": "unused", "part_bytes": "64MB"}, "clean")
     assert build(CleanConfig, {"out_dir": "unused", "part_bytes": 2**20}, "clean").part_bytes == 2**20
+
+
+def test_each_shard_task_reads_only_its_own_key_partition(tmp_path, monkeypatch):
+    """The map writes keys per (chunk, shard); a shard task reads its partition's files and
+    nothing else of the keys, so total key reads are the keys written, once."""
+    rng = random.Random("partitions")
+    rows, rules, shards = text_rows(rng), NearRules.build(["text"], **RULES), 4
+    chunks = spill(tmp_path, rows, rules, per_chunk=9)
+    keys = str(tmp_path / "keys")
+    for first, path in chunks:
+        write_keys(keys, first, storage.read_parquet(path, columns=KEY_COLUMNS), shards)
+    written = storage.list_files(keys, ".parquet")
+    assert len(written) > len(chunks)  # several partitions per chunk
+    reads, real = [], storage.read_parquet
+    monkeypatch.setattr(storage, "read_parquet", lambda p, columns=None: reads.append(p) or real(p, columns))
+    seen = []
+    for s in range(shards):
+        reads.clear()
+        out = dedup_shard(keys, chunks, s, rules, str(tmp_path / "work"))
+        key_reads = [p for p in reads if p.startswith(keys)]
+        assert key_reads and all(p.startswith(os.path.join(keys, f"{s:05d}") + os.sep) for p in key_reads)
+        assert out["key_files"] == len(key_reads) and not [p for p in reads if "/rows/" in p]
+        seen += key_reads
+    assert sorted(seen) == written

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import os
 import tarfile
 
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.clean.sources import ReadLimits, SourceConfig, escapes, iter_lines, plan_units, read_unit
+from pipelines.clean.sources import ReadLimits, SourceConfig, escapes, iter_lines, read_unit
+from pipelines.clean.units import plan_units
 from pipelines.common import storage
 from pipelines.common.configs import ParamsError, build
 
@@ -351,3 +353,25 @@ def test_webdataset_caption_from_json_when_there_is_no_txt(tmp_path):
     t = str(tar)
     assert [(r.location, r.text) for r in recs if not r.reject] == [(f"{t}:000", "from json"), (f"{t}:001", b"from txt")]
     assert reasons(recs) == {f"{t}:002": "missing_caption", f"{t}:003": "malformed_json"}
+
+
+def test_byte_spans_read_every_line_once_with_the_file_line_numbers(tmp_path):
+    """Any cut of a plain file into line-aligned byte ranges reads the same records (text,
+    rejects, file:line locations) as the whole file: blank, CRLF and over-long lines too."""
+    from pipelines.clean.text_files import count_newlines
+    from pipelines.clean.units import newline_jobs, with_newlines
+
+    rng = random.Random(3)
+    for trial in range(60):
+        lines = [b"" if rng.random() < 0.1 else b"x" * rng.randrange(1, 40) if rng.random() < 0.2
+                 else json.dumps({"text": f"doc {i} " + "y" * rng.randrange(30)}).encode()
+                 for i in range(rng.randrange(60))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+        path = tmp_path / f"f{trial}.jsonl"
+        path.write_bytes(data.replace(b"\n", b"\r\n") if rng.random() < 0.2 else data)
+        source, limits = SourceConfig("s", "text", "jsonl", str(path)), ReadLimits(10**9, rng.choice([30, 10**6]))
+        units = plan_units(source, 1, rng.randrange(1, 50))
+        units = with_newlines(units, {k: count_newlines(*job) for k, job in newline_jobs(units).items()})
+        key = lambda r: (r.location, r.text, r.reject and r.reject.reason)  # noqa: E731
+        whole = [key(r) for r in read_unit(source, (str(path),), limits)]
+        assert [key(r) for u in units for r in read_unit(source, u, limits)] == whole, trial
