@@ -74,7 +74,8 @@ def run(preset: str, batch: int, repeats: int, device: torch.device, bf16: bool,
             "encoder": rate["encoder"], "codes": rate["codes"], "ratio": rate["codes"] / rate["encoder"]}
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
+    """Run the benchmark, print its table, return its rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", choices=["tiny", "official-base"],
                         help="repeatable; default: tiny")
@@ -84,19 +85,23 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
     print(f"VQ-KD codes() vs bare encoder forward ({where}, {'bf16' if args.bf16 else 'fp32'}"
           f"{', channels-last' if args.channels_last else ''}; median of {args.repeats} interleaved runs)")
     print(f"{'preset':<14}{'codes/img':>10}{'batch':>7}{'encoder img/s':>15}{'codes img/s':>13}{'ratio':>8}")
+    rows = []
     for preset in args.preset or ["tiny"]:
         default_batch = 256 if device.type == "cuda" else (64 if preset == "tiny" else 8)
         r = run(preset, args.batch or default_batch, args.repeats, device, args.bf16, args.channels_last)
+        r.update(device_name=where, dtype="bf16" if args.bf16 else "fp32")
+        rows.append(r)
         print(f"{r['preset']:<14}{r['tokens']:>10}{r['batch']:>7}{r['encoder']:>15.1f}"
               f"{r['codes']:>13.1f}{r['ratio']:>8.3f}")
     print("target: ratio >= 0.9 (the task layer and nearest-code search add <= 10%)")
+    return rows
 
 
 if __name__ == "__main__":
