@@ -29,6 +29,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "beit3-pipeline"
 FORMAT_VERSION = 1
+TEXT_EMBED = PREFIX + "text_embed.weight"
+OFFICIAL_TEXT_ROWS = 64010  # the text table unilm/beit3 builds (64002 sentencepiece pieces + 8)
 _EXPERTS = (("A", "vision"), ("B", "text"))
 _WB = ("weight", "bias")
 
@@ -160,14 +162,22 @@ def load_official_beit3(path_or_state_dict, preset: str | BEiT3Config = "base", 
     return _model_from_state(cfg, ours, copy=owned_by_caller)
 
 
-def export_official_beit3(model: BEiT3) -> dict:
-    """{'model': state dict in the official unilm/beit3 layout} (new tensors, float32 as stored)."""
+def export_official_beit3(model: BEiT3, text_rows: int | None = None) -> dict:
+    """{'model': state dict in the official unilm/beit3 layout} (new tensors, float32 as stored).
+
+    ``text_rows``: the text table is padded with zero rows to this many (the official code
+    builds a 64010-row table whatever its sentencepiece model has, and only prints a size
+    mismatch, then trains with a random table); the extra ids are never produced by the
+    tokenizer. None keeps the model's own size."""
     ours = model.state_dict()
     official = {}
     for our_key, keys in official_key_map(model.config).items():
         tensor = ours[our_key].detach()
         for key, part in zip(keys, tensor.chunk(len(keys), dim=0)):
             official[key] = part.clone()
+    table = official[TEXT_EMBED]
+    if text_rows is not None and table.shape[0] < text_rows:
+        official[TEXT_EMBED] = torch.cat([table, table.new_zeros(text_rows - table.shape[0], table.shape[1])])
     return {"model": official}
 
 

@@ -9,6 +9,7 @@ Exported model directory (``pretrain.out_dir``):
     heads.safetensors                 MLM/MIM heads (``text.proj.weight``, ``image.proj.weight``)
     task.json                         the task spec
     beit3_official.pth                {'model': state dict in the official unilm/beit3 layout}
+                                      (released variant only; text table padded to 64010 rows)
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.beit3 import BEiT3
-from model.checkpoint import export_official_beit3, load_pretrained, save_pretrained
+from model.checkpoint import OFFICIAL_TEXT_ROWS, export_official_beit3, load_pretrained, save_pretrained
 from model.config import BEiT3Config, beit3_preset
 from model.task import MaskingConfig, PretrainTask
 
@@ -68,13 +69,18 @@ def read_task_spec(directory: str) -> dict:
         return json.load(f)
 
 
-def export_task(task: PretrainTask, spec: dict, out_dir: str) -> None:
-    """A trained PretrainTask -> the exported model directory (see module docstring)."""
+def export_task(task: PretrainTask, spec: dict, out_dir: str, text_rows: int | None = OFFICIAL_TEXT_ROWS) -> bool:
+    """A trained PretrainTask -> the exported model directory (see module docstring). The
+    official .pth (text table padded to ``text_rows``) exists only for the released
+    variant, the architecture of unilm/beit3; returns whether it was written."""
     os.makedirs(out_dir, exist_ok=True)
     save_pretrained(task.model, out_dir)
     save_file({k: v.contiguous() for k, v in task.heads.state_dict().items()}, os.path.join(out_dir, HEADS_FILE))
     write_task_spec(out_dir, spec)
-    torch.save(export_official_beit3(task.model), os.path.join(out_dir, OFFICIAL_FILE))
+    if task.model.config.variant != "released":
+        return False
+    torch.save(export_official_beit3(task.model, text_rows), os.path.join(out_dir, OFFICIAL_FILE))
+    return True
 
 
 def load_exported_task(model_dir: str, **backbone_overrides) -> PretrainTask:

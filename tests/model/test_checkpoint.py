@@ -1,6 +1,7 @@
 """Official unilm/beit3 layout both ways, and our safetensors + config.json checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -134,3 +135,18 @@ def test_load_pretrained_rejects_other_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unknown keys \\['hidden'\\]"):
         load_pretrained(tmp_path)
+
+
+def test_official_export_pads_the_text_table_to_the_official_rows():
+    """unilm/beit3 builds a 64010-row text table; a smaller tokenizer's table is padded with
+    unused zero rows, and the model's rows come first, unchanged."""
+    from model.checkpoint import OFFICIAL_TEXT_ROWS, TEXT_EMBED
+
+    model = small_model()
+    ours = model.state_dict()["text_embed.weight"]
+    padded = export_official_beit3(model, text_rows=OFFICIAL_TEXT_ROWS)["model"][TEXT_EMBED]
+    assert padded.shape == (OFFICIAL_TEXT_ROWS, ours.shape[1])
+    assert torch.equal(padded[:ours.shape[0]], ours) and not padded[ours.shape[0]:].any()
+    config = dataclasses.replace(model.config, vocab_size=OFFICIAL_TEXT_ROWS)
+    reloaded = load_official_beit3(export_official_beit3(model, text_rows=OFFICIAL_TEXT_ROWS), config)
+    assert torch.equal(reloaded.text_embed.weight[:ours.shape[0]], ours)
