@@ -8,8 +8,8 @@ as under a Ray Job; not timed), runs ``pack_shards`` once cold (Ray starts its w
 processes; reported, not in the ratio), then times, interleaved (ours, bare, bare, ours,
 ...: the order flips every round), each figure the median:
 
-- pack: ``pack_shards`` end to end into a fresh folder: plan from ids, read + order each
-  part, gather each shard in plan order, write it (Parquet, ``pack.compression``, row groups
+- pack: ``pack_shards`` end to end into a fresh folder: footers only on the driver,
+  scatter each part by key range, gather each shard (its key ranges, sorted), write it (Parquet, ``pack.compression``, row groups
   of ``pack.row_group_rows``) atomically with fsync, sha256 per shard, manifest.
 - bare: what a user would run instead, in this process: ``pq.read_table`` every part,
   concatenate, shuffle (one ``take`` of a seeded permutation), split off ``val_fraction``,
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
 
 def report(args, table: pa.Table, shards: int, runs: dict, loads: list[float]) -> dict:
     mb = table.nbytes / 1e6
-    med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+    med = lambda name, key: statistics.median(r[key] for r in runs[name])
     paired = statistics.median(b["wall_s"] / p["wall_s"] for p, b in zip(runs["pack"], runs["bare"]))
     result = {
         "rows": table.num_rows, "mb": mb, "shards": shards, "image_size": args.image_size, "rounds": args.rounds,

@@ -1,35 +1,52 @@
 """pack stage: deterministic mixed-modality Parquet shards plus manifest.json.
 
-How rows reach shards (bounded memory: no task copies more than one input part
-or one output shard, the driver holds 33 bytes of plan per row, and Ray's object
-store at most ``in_memory_mb`` of ordered parts):
+No process holds a per-row plan: rows are routed by a hash of their id (scatter) and
+each shard is assembled from its key range alone (gather).
 
-1. plan (driver): read only the ``id`` column of every tokenized part. A
-   16-byte blake2b of (seed, id) gives each row its split (first 8 bytes <
-   val_fraction) and its sort key (last 8 bytes). Sorting each split by
-   (key, part, row) is the shuffle; row rank // shard_rows is its shard and
-   rank % shard_rows its position. Modalities mix because the key ignores them.
-2. scatter (one Ray task per input part): read the part and order its rows by
-   (shard, position). When the parts to read total at most ``in_memory_mb`` (on
-   disk), the ordered part stays in Ray's object store (which itself spills to
-   local disk if it fills up); otherwise it is spilled to ``out_dir/.spill/`` as
-   an Arrow IPC file with one record batch per destination shard.
-3. gather (one Ray task per shard): take that shard's rows from every ordered
-   part (zero-copy slices of the stored objects, or its batch of each spill
-   file), sort by position, write the Parquet shard atomically (temp + rename).
-   Train and val shards are gathered together, one task per logical CPU in
-   flight. (Small inputs stay in memory because the spill round trip and its
-   per-shard file opens are a noticeable share of the tasks' time; larger ones
-   spill so that memory stays bounded.)
+Every row gets a 16-byte blake2b of f"{seed}\\0{id}": its first 8 bytes decide the split
+(val if below ``val_fraction * 2**64``), its last 8 bytes are its *key*. A split's rows in
+key order (ties by id, then by input position: part, row) is the shuffle; shard k of a
+split holds ranks [k * shard_rows, (k + 1) * shard_rows). Modalities mix because the key
+ignores them.
 
-Same inputs + params -> same plan -> byte-identical shards and manifest.
-Resume: each finished shard is recorded (path, rows, bytes, sha256) in
-``manifest.partial.json`` together with a fingerprint of the inputs, the
-tokenizers and the params; a rerun keeps every shard whose file still has the
-recorded sha256 and rewrites only the rest. ``manifest.json`` is written last.
+1. inputs (driver): list the tokenized parts and read only their Parquet footers: row
+   counts (for sizing) and each part's identity (name, size, footer bytes; tokenize writes
+   into the footer a fingerprint of the part's input, tokenizers and params). Each split's
+   64-bit key space is cut into ``RANGES_PER_SHARD`` x (estimated shards of the split)
+   equal *key ranges* (range partitioning: range order = key order, so a shard is a run of
+   consecutive ranges; hashing key mod N would scatter a shard's rank interval over every
+   bucket).
+2. scatter (one Ray task per part; holds one part): hash the part's ids, write the part
+   ordered by key range to ``<data_dir>/.scatter/<layout>/part-NNNNN.parquet`` (one row
+   group per run of ``RANGES_PER_SHARD`` ranges) plus ``part-NNNNN.counts`` (rows per
+   non-empty range). A file's content depends only on its part and the layout, never on
+   scheduling. The driver sums the counts: O(key ranges) = O(shards) numbers.
+3. shard plan (driver): from the summed counts, each split's rows N_s give
+   ceil(N_s / shard_rows) shards; shard k's rank interval maps to the key ranges it
+   overlaps and an offset into the first one.
+4. gather (one Ray task per shard): read those ranges' row groups from every scatter
+   file, sort by (key, id) (stable, so exact duplicates keep part/row order), keep the
+   shard's slice, write the Parquet shard atomically (temp + rename).
+
+Shard sizes: exactly ``shard_rows`` rows, except the last shard of each split
+(1..shard_rows rows), as a global sort would give. Memory: a scatter task holds one part
+(tokenize's ``rows_per_task`` units); a gather task holds the rows of the key ranges its
+shard overlaps: a uniform hash puts about shard_rows / RANGES_PER_SHARD rows in each
+range, so about shard_rows * (1 + 2 / RANGES_PER_SHARD) rows (many rows sharing one id
+share one key and make one range larger). The driver holds O(parts + shards) state.
+Cost: every gather opens every scatter file (one footer + the row groups it needs), so a
+corpus with far more parts x shards than rows is better packed from fewer, larger parts.
+
+Same inputs + params -> same layout, scatter files and ranks -> byte-identical shards and
+manifest, whatever the number of tasks in flight. Resume: each finished shard is
+recorded (path, rows, bytes, sha256) in ``manifest.partial.json`` with a fingerprint of
+the parts' identities, the tokenizers and the params; a rerun keeps every shard whose file
+still has the recorded sha256, reuses finished scatter files, and writes only the rest.
+``manifest.json`` is written last; ``.scatter`` is removed with it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -40,20 +57,29 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
 from pipelines.common.configs import check
-from pipelines.common.ray_session import RayConfig, bounded_tasks, cluster_cpus, ray_session, spread_task
+from pipelines.common.ray_session import (
+    RayConfig,
+    bounded_tasks,
+    cluster_cpus,
+    ray_session,
+    spread_task,
+)
 from pipelines.common.remote_outputs import StageOutput
 from pipelines.common.schema import MODALITIES, SHARD_SCHEMA, TOKENIZERS, check_schema
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
-SPILL = ".spill"
+SCATTER = ".scatter"
 SPLITS = ("train", "val")
-POS = "__pos"
+KEY, RANGE = "__key", "__range"
+# Key ranges per (estimated) shard: more ranges mean less over-read per gather, more
+# row groups per scatter file.
+RANGES_PER_SHARD = 8
 
 
 @dataclass(frozen=True)
@@ -64,32 +90,32 @@ class PackConfig(StageOutput):
     compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
     compression_level: int | None = None    # null: the codec's default
     row_group_rows: int = 500               # readers stream a shard row group by row group
-    in_memory_mb: float = 1024.0            # inputs up to this size (on disk) shuffle in Ray's object store
 
     def __post_init__(self):
         super().__post_init__()
         check(self.shard_rows >= 1, "pack.shard_rows: must be >= 1")
-        check(self.in_memory_mb >= 0, "pack.in_memory_mb: must be >= 0")
         check(0.0 <= self.val_fraction < 1.0, "pack.val_fraction: must be in [0, 1)")
         check(self.row_group_rows >= 1, "pack.row_group_rows: must be >= 1")
 
 
 @dataclass(frozen=True)
-class ShardSpec:
-    index: int      # global: train shards first, then val
-    split: str
-    path: str       # relative to out_dir, e.g. train/shard-00000.parquet
-    rows: int
+class Inputs:
+    """What the driver knows before reading any row: O(parts)."""
+    parts: tuple[str, ...]
+    rows: int                    # from the footers
+    ranges: tuple[int, int]      # key ranges of train, val (multiples of RANGES_PER_SHARD)
+    fingerprint: str             # parts' identities + tokenizers + params
+    scatter_dir: str             # this layout's scatter files
 
 
 @dataclass(frozen=True)
-class Plan:
-    parts: list[str]
-    dest: list[np.ndarray]   # per part: global shard index of each row
-    pos: list[np.ndarray]    # per part: position of each row inside its shard
-    shards: list[ShardSpec]
-    fingerprint: str
-    duplicate_ids: int
+class ShardSpec:
+    split: str
+    path: str       # relative to the data dir, e.g. train/shard-00000.parquet
+    rows: int
+    first: int      # global key ranges [first, last] hold the shard's rows ...
+    last: int
+    offset: int     # ... from this rank on, in (key, id) order
 
 
 def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict:
@@ -100,148 +126,208 @@ def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict
         raise FileNotFoundError(f"{tokenized_dir}: no tokenized parts under text/, image/ or pair/")
     info_path = storage.join(tokenized_dir, TOKENIZERS)
     tokenizers = storage.read_json(info_path) if storage.exists(info_path) else {}
-    plan = make_plan(cfg, parts, tokenizers)
-    done = finished_shards(cfg.data_dir, plan)
-    _write_partial(cfg.data_dir, plan, done)
+    inputs = plan_inputs(cfg, parts, tokenizers)
+    split_shards, done = finished_shards(cfg.data_dir, inputs.fingerprint)
+    _write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
     storage.remove(storage.join(cfg.data_dir, MANIFEST))
     _remove_stale(cfg.data_dir, keep=set(done))
-    todo = [s for s in plan.shards if s.path not in done]
-    if todo:
+    written = scattered = 0
+    if split_shards is None or len(done) < sum(split_shards.values()):
         with ray_session(ray_cfg) as ray:
-            _run(ray, cfg, ray_cfg, plan, todo, done)
-    storage.remove(storage.join(cfg.data_dir, SPILL))  # also a killed run's, when nothing was left to do
-    manifest = build_manifest(cfg, plan, tokenizers, done)
+            split_shards, written, scattered = _run(ray, cfg, ray_cfg, inputs, done)
+    storage.remove(storage.join(cfg.data_dir, SCATTER))  # also a killed run's, when nothing was left to do
+    manifest = build_manifest(cfg, inputs, tokenizers, shard_paths(split_shards), done)
     storage.write_json(storage.join(cfg.data_dir, MANIFEST), manifest)
     storage.remove(storage.join(cfg.data_dir, PARTIAL))
     seconds = time.time() - start
+    shards = len(manifest["shards"])
     return {"rows": manifest["rows"], "rows_by_modality": manifest["rows_by_modality"],
-            "splits": manifest["splits"], "shards": len(plan.shards), "shards_written": len(todo),
-            "shards_reused": len(plan.shards) - len(todo), "bytes": manifest["bytes"],
-            "duplicate_ids": plan.duplicate_ids, "seconds": round(seconds, 2),
-            "mb_per_s": round(manifest["bytes"] / 1e6 / max(seconds, 1e-9), 2)}
+            "splits": manifest["splits"], "shards": shards, "shards_written": written,
+            "shards_reused": shards - written, "parts": len(parts), "parts_scattered": scattered,
+            "bytes": manifest["bytes"], "duplicate_ids": manifest["duplicate_ids"],
+            "seconds": round(seconds, 2), "mb_per_s": round(manifest["bytes"] / 1e6 / max(seconds, 1e-9), 2)}
 
 
-def make_plan(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Plan:
-    """Split and shard every row from its id alone (see the module docstring)."""
-    threshold = int(cfg.val_fraction * 2.0**64)
-    part_of, row_of, key_of, is_val, fp = [], [], [], [], hashlib.sha256()
-    fp.update(json.dumps([cfg.content_params() | {"in_memory_mb": None}, tokenizers], sort_keys=True).encode())
-    for j, path in enumerate(parts):
-        table = storage.read_parquet(path, columns=["id"])
-        ids = table.column("id").to_pylist()
-        digests = b"".join(hashlib.blake2b(f"{cfg.seed}\0{i}".encode(), digest_size=16).digest() for i in ids)
-        words = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
-        # A part's identity without reading its images: name, size, ids and its metadata
-        # (tokenize stores there a fingerprint of the part's input, tokenizers and params).
-        rel = "/".join(path.rsplit("/", 2)[-2:])
-        metadata = sorted((table.schema.metadata or {}).items())
-        fp.update(f"{rel}\0{_size(path)}\0{metadata}\0".encode() + digests)
-        part_of.append(np.full(len(ids), j, np.int32))
-        row_of.append(np.arange(len(ids), dtype=np.int32))
-        key_of.append(words[:, 1])
-        is_val.append(words[:, 0] < np.uint64(threshold))
-    bounds = np.cumsum([0] + [len(rows) for rows in row_of])
-    part_of, row_of, key_of, is_val = map(np.concatenate, (part_of, row_of, key_of, is_val))
-    dest = np.empty(len(key_of), np.int64)
-    pos = np.empty(len(key_of), np.int64)
-    shards: list[ShardSpec] = []
-    for split, mask in zip(SPLITS, (~is_val, is_val)):
-        idx = np.flatnonzero(mask)
-        order = idx[np.lexsort((row_of[idx], part_of[idx], key_of[idx]))]
-        rank = np.arange(len(order))
-        dest[order] = len(shards) + rank // cfg.shard_rows
-        pos[order] = rank % cfg.shard_rows
-        for k in range(-(-len(order) // cfg.shard_rows)):
-            rows = min(cfg.shard_rows, len(order) - k * cfg.shard_rows)
-            shards.append(ShardSpec(len(shards), split, f"{split}/shard-{k:05d}.parquet", rows))
-    return Plan(parts=parts, dest=[dest[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
-                pos=[pos[a:b] for a, b in zip(bounds[:-1], bounds[1:])], shards=shards,
-                fingerprint=fp.hexdigest(), duplicate_ids=len(key_of) - len(np.unique(key_of)))
+# ----------------------------------------------------------------------------- driver plan
+
+def plan_inputs(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Inputs:
+    """Footers only: row counts, the fingerprint and the key-range layout (see the docstring)."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # object stores answer footers slowly
+        infos = list(pool.map(_part_info, parts))
+    rows = sum(n for n, _ in infos)
+    fp = hashlib.sha256(json.dumps([cfg.content_params(), tokenizers], sort_keys=True).encode())
+    for identity in (i for _, i in infos):
+        fp.update(identity.encode())
+    estimates = (rows * (1.0 - cfg.val_fraction), rows * cfg.val_fraction)
+    ranges = tuple(RANGES_PER_SHARD * max(1, min(-(-int(e) // cfg.shard_rows), 2**24)) for e in estimates)
+    layout = hashlib.sha256(f"{fp.hexdigest()}\0{ranges}".encode()).hexdigest()[:16]
+    return Inputs(parts=tuple(parts), rows=rows, ranges=ranges, fingerprint=fp.hexdigest(),
+                  scatter_dir=storage.join(cfg.data_dir, SCATTER, layout))
 
 
-def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, plan: Plan, todo: list[ShardSpec], done: dict) -> None:
-    """Scatter the parts that feed unfinished shards, then gather those shards as they finish."""
-    wanted = np.zeros(len(plan.shards), bool)
-    wanted[[s.index for s in todo]] = True
+def _part_info(path: str) -> tuple[int, str]:
+    """(rows, identity) of a part from its footer: name, size and the footer's bytes."""
+    fs, p = storage.filesystem(path)
+    with fs.open_input_file(p) as f:
+        size = f.size()
+        f.seek(size - 8)
+        footer_len = int.from_bytes(f.read(4), "little")
+        f.seek(size - 8 - footer_len)
+        footer = f.read(footer_len)
+        rows = pq.ParquetFile(f).metadata.num_rows
+    rel = "/".join(path.rsplit("/", 2)[-2:])
+    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0"
+
+
+def shard_plan(cfg: PackConfig, inputs: Inputs, counts: np.ndarray) -> list[ShardSpec]:
+    """Each split's shards from the rows per global key range (train ranges first)."""
+    shards, base = [], 0
+    for split, n_ranges in zip(SPLITS, inputs.ranges):
+        cum = np.concatenate([[0], np.cumsum(counts[base:base + n_ranges])])
+        total = int(cum[-1])
+        for k in range(-(-total // cfg.shard_rows)):
+            lo, hi = k * cfg.shard_rows, min((k + 1) * cfg.shard_rows, total)
+            first, last = (int(np.searchsorted(cum, r, side="right")) - 1 for r in (lo, hi - 1))
+            shards.append(ShardSpec(split, f"{split}/shard-{k:05d}.parquet", hi - lo, base + first,
+                                    base + last, lo - int(cum[first])))
+        base += n_ranges
+    return shards
+
+
+def shard_paths(split_shards: dict[str, int]) -> list[str]:
+    return [f"{split}/shard-{k:05d}.parquet" for split in SPLITS for k in range(split_shards[split])]
+
+
+def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, inputs: Inputs, done: dict) -> tuple[dict, int, int]:
+    """Scatter every part (reusing finished scatter files), then gather the unfinished shards."""
     limit, timeout = cluster_cpus(ray), ray_cfg.no_progress_timeout_s
     remote = functools.partial(spread_task, ray, num_cpus=ray_cfg.cpus_per_task)
-    inputs = {j: (path, np.where(wanted[plan.dest[j]], plan.dest[j], -1), plan.pos[j])
-              for j, path in enumerate(plan.parts) if wanted[plan.dest[j]].any()}
+    counts, scattered = _scatter_all(ray, remote, cfg, inputs, limit, timeout)
+    shards = shard_plan(cfg, inputs, counts)
+    split_shards = {split: sum(s.split == split for s in shards) for split in SPLITS}
+    wanted = {s.path for s in shards}
+    for rel in [rel for rel in done if rel not in wanted]:
+        del done[rel]
+    _remove_stale(cfg.data_dir, keep=set(done))
+    _write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
     options = (cfg.compression, cfg.compression_level, cfg.row_group_rows)
-    jobs = {}
-    if sum(_size(path) for path, _, _ in inputs.values()) <= cfg.in_memory_mb * 2**20:
-        # the ordered parts stay in the object store (at most in_memory_mb, compressed) until the end
-        ordered = dict(bounded_tasks(ray, remote(order_part), inputs, limit, timeout, fetch=False))
-        kept = {j: np.sort(dest[dest >= 0]) for j, (_, dest, _) in inputs.items()}  # ordered parts' shards
-        for shard in todo:
-            bounds = {j: np.searchsorted(d, [shard.index, shard.index + 1]).tolist() for j, d in kept.items()}
-            bounds = {j: ab for j, ab in bounds.items() if ab[1] > ab[0]}
-            jobs[shard] = (list(bounds.values()), storage.join(cfg.data_dir, shard.path), *options,
-                           *[ordered[j] for j in bounds])  # top-level references: Ray resolves them
-        gather = remote(gather_slices)
-    else:
-        spill_dir = storage.join(cfg.data_dir, SPILL)
-        storage.remove(spill_dir)
-        spills = {storage.join(spill_dir, f"part-{j:05d}.arrow"): args for j, args in inputs.items()}
-        batches = dict(bounded_tasks(ray, remote(scatter_part), {spill: (path, spill, dest, pos)
-                                 for spill, (path, dest, pos) in spills.items()}, limit, timeout))
-        for shard in todo:
-            sources = [(spill, idx[shard.index]) for spill, idx in batches.items() if shard.index in idx]
-            jobs[shard] = (sources, storage.join(cfg.data_dir, shard.path), *options)
-        gather = remote(gather_shard)
+    jobs = {s: (inputs.scatter_dir, len(inputs.parts), s.first, s.last, s.offset, s.rows,
+                storage.join(cfg.data_dir, s.path), *options) for s in shards if s.path not in done}
     last_write = time.time()
-    for n, (shard, entry) in enumerate(bounded_tasks(ray, gather, jobs, limit, timeout), start=1):
+    for n, (shard, entry) in enumerate(bounded_tasks(ray, remote(gather_shard), jobs, limit, timeout), start=1):
         done[shard.path] = {"split": shard.split, **entry}
         if time.time() - last_write > 1.0 or n == len(jobs):  # bounded manifest rewriting
-            _write_partial(cfg.data_dir, plan, done)
+            _write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
             last_write = time.time()
+    return split_shards, len(jobs), scattered
 
 
-def order_part(path: str, dest: np.ndarray, pos: np.ndarray) -> pa.Table:
-    """The rows of one part with ``dest >= 0`` ordered by (dest, pos), plus their position column."""
+def _scatter_all(ray, remote, cfg: PackConfig, inputs: Inputs, limit: int, timeout: float) -> tuple[np.ndarray, int]:
+    """Rows per global key range, summed over parts as their scatter tasks finish."""
+    base = storage.join(cfg.data_dir, SCATTER)
+    for stale in _subdirs(base):
+        if stale != inputs.scatter_dir:
+            storage.remove(stale)
+    counts = np.zeros(sum(inputs.ranges), np.int64)
+    jobs = {}
+    threshold = int(cfg.val_fraction * 2.0**64)
+    for j, path in enumerate(inputs.parts):
+        out = scatter_path(inputs.scatter_dir, j)
+        if storage.exists(out + ".counts") and storage.exists(out):  # .counts is written last
+            _add_counts(counts, storage.read_bytes(out + ".counts"))
+        else:
+            jobs[j] = (path, out, cfg.seed, threshold, inputs.ranges)
+    for _, sparse in bounded_tasks(ray, remote(scatter_part), jobs, limit, timeout):
+        _add_counts(counts, sparse)
+    return counts, len(jobs)
+
+
+def _subdirs(path: str) -> list[str]:
+    fs, p = storage.filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return [storage.join(path, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
+            if i.type == pafs.FileType.Directory]
+
+
+def _add_counts(counts: np.ndarray, sparse: bytes) -> None:
+    """Add a part's (range, rows) pairs (int64 pairs, as scatter_part returns them)."""
+    pairs = np.frombuffer(sparse, dtype="<i8").reshape(-1, 2)
+    np.add.at(counts, pairs[:, 0], pairs[:, 1])
+
+
+def scatter_path(scatter_dir: str, part: int) -> str:
+    return storage.join(scatter_dir, f"part-{part:05d}.parquet")
+
+
+# ----------------------------------------------------------------------------- Ray tasks
+
+def route(ids: list[str], seed: int, threshold: int, ranges: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(key, global key range) of each id: val ranges follow train's; range = top key bits."""
+    digests = b"".join(hashlib.blake2b(f"{seed}\0{i}".encode(), digest_size=16).digest() for i in ids)
+    words = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    is_val, key = words[:, 0] < np.uint64(threshold), words[:, 1]
+    n = np.where(is_val, np.uint64(ranges[1]), np.uint64(ranges[0]))
+    local = ((key >> np.uint64(32)) * n) >> np.uint64(32)  # < 2**32 ranges: no overflow, monotone in key
+    return key, (local + np.where(is_val, np.uint64(ranges[0]), np.uint64(0))).astype(np.int64)
+
+
+def scatter_part(path: str, out: str, seed: int, threshold: int, ranges: tuple[int, int]) -> bytes:
+    """Write one part ordered by key range (stable: rows keep part order inside a range), one
+    row group per RANGES_PER_SHARD ranges; returns its (range, rows) pairs, also saved beside."""
     table = storage.read_parquet(path)
     check_schema(table, path)
-    keep = np.flatnonzero(dest >= 0)
-    order = keep[np.lexsort((pos[keep], dest[keep]))]
-    return table.cast(SHARD_SCHEMA).take(pa.array(order)).append_column(POS, pa.array(pos[order])).combine_chunks()
+    key, rng = route(table.column("id").to_pylist(), seed, threshold, ranges)
+    order = np.argsort(rng, kind="stable")
+    rng = rng[order]
+    table = (table.cast(SHARD_SCHEMA).take(pa.array(order))
+             .append_column(KEY, pa.array(key[order])).append_column(RANGE, pa.array(rng.astype(np.int32))))
+    block = rng // RANGES_PER_SHARD
+    starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]]) if len(rng) else np.array([], np.int64)
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, compression="lz4", write_statistics=[RANGE]) as writer:
+        for a, b in zip(starts, np.r_[starts[1:], len(rng)]):
+            writer.write_table(table.slice(a, b - a), row_group_size=int(b - a))
+    storage.write_bytes(out, sink.getvalue(), durable=False)  # scratch: a lost file is redone
+    uniq, n = np.unique(rng, return_counts=True)
+    sparse = np.stack([uniq, n], axis=1).astype("<i8").tobytes()
+    storage.write_bytes(out + ".counts", sparse, durable=False)
+    return sparse
 
 
-def scatter_part(path: str, spill: str, dest: np.ndarray, pos: np.ndarray) -> dict[int, int]:
-    """Spill the rows of one part with ``dest >= 0``, one IPC batch per shard; returns {shard: batch}."""
-    batch = order_part(path, dest, pos).to_batches()[0]
-    dests = np.sort(dest[dest >= 0])
-    starts = np.flatnonzero(np.r_[True, dests[1:] != dests[:-1]])
-    ends = np.r_[starts[1:], len(dests)]
-    fs, p = storage.filesystem(spill)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as sink, ipc.new_file(sink, batch.schema) as writer:
-        for a, b in zip(starts, ends):
-            writer.write_batch(batch.slice(a, b - a))
-    return {int(dests[a]): i for i, a in enumerate(starts)}
+def read_ranges(path: str, first: int, last: int) -> pa.Table:
+    """The rows of key ranges [first, last] of one scatter file (only the row groups that hold them)."""
+    fs, p = storage.filesystem(path)
+    with fs.open_input_file(p) as f:
+        pf = pq.ParquetFile(f)
+        col = pf.schema_arrow.get_field_index(RANGE)
+        groups = []
+        for g in range(pf.metadata.num_row_groups):
+            stats = pf.metadata.row_group(g).column(col).statistics
+            if stats.max >= first and stats.min <= last:
+                groups.append(g)
+        table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+    keep = pc.and_(pc.greater_equal(table[RANGE], first), pc.less_equal(table[RANGE], last))
+    return table.filter(keep)
 
 
-def gather_shard(sources: list[tuple[str, int]], out: str, compression: str,
-                 compression_level: int | None, row_group_rows: int) -> dict:
-    """Merge one shard's spilled batches in plan order and write it; returns its manifest entry."""
-    batches = []
-    for spill, index in sources:
-        fs, p = storage.filesystem(spill)
-        with fs.open_input_file(p) as f:
-            batches.append(ipc.open_file(f).get_batch(index))  # reads only this shard's batch
-    return write_shard(pa.Table.from_batches(batches), out, compression, compression_level, row_group_rows)
-
-
-def gather_slices(slices: list[tuple[int, int]], out: str, compression: str, compression_level: int | None,
-                  row_group_rows: int, *parts: pa.Table) -> dict:
-    """Merge one shard's row ranges of the ordered parts (``order_part``) and write it."""
-    table = pa.concat_tables([part.slice(a, b - a) for part, (a, b) in zip(parts, slices)])
-    return write_shard(table, out, compression, compression_level, row_group_rows)
+def gather_shard(scatter_dir: str, parts: int, first: int, last: int, offset: int, rows: int, out: str,
+                 compression: str, compression_level: int | None, row_group_rows: int) -> dict:
+    """Assemble one shard from every scatter file (part order), sort, slice, write; returns its entry."""
+    table = pa.concat_tables([read_ranges(scatter_path(scatter_dir, j), first, last) for j in range(parts)])
+    # stable: rows with the same key and id keep (part, row) order
+    table = table.take(pc.sort_indices(table, [(KEY, "ascending"), ("id", "ascending")]))
+    ids = table["id"]
+    repeat = np.r_[False, pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)] \
+        if len(ids) else np.zeros(0, bool)
+    table = table.slice(offset, rows).drop_columns([KEY, RANGE]).combine_chunks()
+    entry = write_shard(table, out, compression, compression_level, row_group_rows)
+    return entry | {"duplicate_ids": int(repeat[offset:offset + rows].sum())}
 
 
 def write_shard(table: pa.Table, out: str, compression: str, compression_level: int | None,
                 row_group_rows: int) -> dict:
-    """Sort one shard's rows by position, write it atomically; returns its manifest entry."""
-    table = table.take(pc.sort_indices(table[POS])).drop_columns([POS]).combine_chunks()
+    """Write one shard atomically; returns its manifest entry."""
     data = parquet_bytes(table, compression, compression_level, row_group_rows)
     storage.write_bytes(out, data)
     counts = dict(zip(*np.unique(table["modality"].to_numpy(zero_copy_only=False), return_counts=True)))
@@ -258,33 +344,43 @@ def parquet_bytes(table: pa.Table, compression: str, compression_level: int | No
     return sink.getvalue()
 
 
-def finished_shards(out_dir: str, plan: Plan) -> dict[str, dict]:
-    """Entries of a previous run with this plan's fingerprint whose file still has its sha256."""
-    previous = {}
+# ----------------------------------------------------------------------------- resume, manifest
+
+def finished_shards(out_dir: str, fingerprint: str) -> tuple[dict[str, int] | None, dict[str, dict]]:
+    """(shards per split if a previous run with this fingerprint got that far, its entries whose
+    file still has its sha256). Same fingerprint, same shard plan: its entries are this run's."""
+    previous, split_shards = {}, None
     for name in (PARTIAL, MANIFEST):
         path = storage.join(out_dir, name)
         if storage.exists(path):
             recorded = storage.read_json(path)
-            if recorded.get("fingerprint") == plan.fingerprint:
+            if recorded.get("fingerprint") == fingerprint:
                 entries = recorded["shards"]
                 previous.update(entries if isinstance(entries, dict) else {e["path"]: e for e in entries})
-    wanted = {s.path for s in plan.shards}
+                counts = recorded.get("split_shards") or _split_counts(recorded)
+                split_shards = counts or split_shards
     done = {}
     for rel, entry in sorted(previous.items()):
         path = storage.join(out_dir, rel)
-        if rel in wanted and storage.exists(path) and storage.sha256_file(path) == entry["sha256"]:
+        if storage.exists(path) and storage.sha256_file(path) == entry["sha256"]:
             done[rel] = {k: v for k, v in entry.items() if k != "path"}
-    return done
+    return split_shards, done
 
 
-def build_manifest(cfg: PackConfig, plan: Plan, tokenizers: dict, done: dict) -> dict:
-    shards = [{"path": s.path, **done[s.path]} for s in plan.shards]
+def _split_counts(manifest: dict) -> dict[str, int] | None:
+    splits = manifest.get("splits")
+    return {s: splits[s]["shards"] for s in SPLITS} if isinstance(splits, dict) else None
+
+
+def build_manifest(cfg: PackConfig, inputs: Inputs, tokenizers: dict, paths: list[str], done: dict) -> dict:
+    shards = [{"path": p, **done[p]} for p in paths]
     by_split = {split: [e for e in shards if e["split"] == split] for split in SPLITS}
     return {
         "format": "parquet", "compression": cfg.compression, "schema": [f.name for f in SHARD_SCHEMA],
         "seed": cfg.seed, "shard_rows": cfg.shard_rows, "val_fraction": cfg.val_fraction,
-        "tokenizers": tokenizers, "fingerprint": plan.fingerprint,
+        "tokenizers": tokenizers, "fingerprint": inputs.fingerprint,
         "rows": sum(e["rows"] for e in shards), "bytes": sum(e["bytes"] for e in shards),
+        "duplicate_ids": sum(e.get("duplicate_ids", 0) for e in shards),
         "rows_by_modality": _modality_totals(shards),
         "splits": {split: {"shards": len(es), "rows": sum(e["rows"] for e in es),
                            "rows_by_modality": _modality_totals(es)} for split, es in by_split.items()},
@@ -296,8 +392,9 @@ def _modality_totals(entries: list[dict]) -> dict[str, int]:
     return {m: sum(e["rows_by_modality"][m] for e in entries) for m in MODALITIES}
 
 
-def _write_partial(out_dir: str, plan: Plan, done: dict) -> None:
-    storage.write_json(storage.join(out_dir, PARTIAL), {"fingerprint": plan.fingerprint, "shards": done})
+def _write_partial(out_dir: str, fingerprint: str, split_shards: dict | None, done: dict) -> None:
+    storage.write_json(storage.join(out_dir, PARTIAL),
+                       {"fingerprint": fingerprint, "split_shards": split_shards, "shards": done})
 
 
 def _remove_stale(out_dir: str, keep: set[str]) -> None:
@@ -308,8 +405,3 @@ def _remove_stale(out_dir: str, keep: set[str]) -> None:
             if f"{split}/{path[len(base) + 1:]}" not in keep:
                 storage.remove(path)
     storage.remove_temp_files(out_dir)
-
-
-def _size(path: str) -> int:
-    fs, p = storage.filesystem(path)
-    return fs.get_file_info(p).size

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,11 +60,11 @@ def test_byte_identical_manifest_and_mixed_shards(ray_local, tokenized, tmp_path
     def cfg(name, **kw):
         return PackConfig(out_dir=str(tmp_path / name), shard_rows=16, val_fraction=0.2, seed=3, **kw)
 
-    metrics = pack_shards(cfg("a"), tokenized, RAY)  # small input: shuffled in Ray's object store
-    pack_shards(cfg("b", in_memory_mb=0), tokenized, RAY)  # spilled to out_dir/.spill
+    metrics = pack_shards(cfg("a"), tokenized, RAY)
+    pack_shards(cfg("b"), tokenized, RAY)  # a second run
     files = shard_files(tmp_path / "a")
     assert files == shard_files(tmp_path / "b")  # shards and manifest, byte for byte
-    assert not (tmp_path / "b" / ".spill").exists() and "manifest.partial.json" not in files
+    assert not (tmp_path / "b" / ".scatter").exists() and "manifest.partial.json" not in files
 
     manifest = json.loads(files["manifest.json"])
     assert manifest["tokenizers"] == TOKENIZERS
@@ -145,6 +146,108 @@ def test_bad_part_schema_is_a_clear_error(ray_local, tmp_path):
         pack_shards(PackConfig(out_dir=str(tmp_path / "out")), str(tokenized), RAY)
 
 
+def shard_ids(out) -> dict[str, list[list[str]]]:
+    """Per split, each shard's ids in manifest order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = {"train": [], "val": []}
+    for entry in manifest["shards"]:
+        ids[entry["split"]].append(pq.read_table(out / entry["path"])["id"].to_pylist())
+    return ids
+
+
+def hash_key(seed: int, row_id: str) -> int:
+    """The sort key pack documents: the last 8 bytes of blake2b(f"{seed}\\0{id}")."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{row_id}".encode(), digest_size=16).digest()[8:], "big")
+
+
+def test_same_bytes_whatever_the_tasks_in_flight(ray_local, tokenized, tmp_path, monkeypatch):
+    from pipelines import pack
+
+    def cfg(name):
+        return PackConfig(out_dir=str(tmp_path / name), shard_rows=16, val_fraction=0.2, seed=3)
+
+    pack_shards(cfg("wide"), tokenized, RAY)
+    monkeypatch.setattr(pack, "cluster_cpus", lambda ray: 1)  # one scatter / gather task at a time
+    pack_shards(cfg("serial"), tokenized, RAY)
+    assert shard_files(tmp_path / "wide") == shard_files(tmp_path / "serial")
+
+
+def test_every_row_lands_once_even_duplicated_ids(ray_local, tmp_path):
+    tokenized = tmp_path / "tok"
+    write_tokenized_dir(tokenized, 40, 10, 10, parts=2)
+    copy = pq.read_table(tokenized / "text" / "part-00000.parquet").slice(0, 5)
+    copy = copy.set_column(5, "source", pa.array(["copy"] * 5)).cast(SHARD_SCHEMA)  # same ids, other content
+    storage.write_parquet(copy, str(tokenized / "text" / "part-00002.parquet"))
+    inputs = sorted(i for p in tokenized.rglob("*.parquet") for i in pq.read_table(p)["id"].to_pylist())
+
+    runs = []
+    for name in ("a", "b"):
+        cfg = PackConfig(out_dir=str(tmp_path / name), shard_rows=4, val_fraction=0.3, seed=1)
+        runs.append(pack_shards(cfg, str(tokenized), RAY))
+    assert shard_files(tmp_path / "a") == shard_files(tmp_path / "b")  # ties are ordered deterministically
+    ids = shard_ids(tmp_path / "a")
+    assert sorted(i for split in ids.values() for shard in split for i in shard) == inputs
+    train = {i for shard in ids["train"] for i in shard}
+    assert not train & {i for shard in ids["val"] for i in shard}  # a duplicated id stays in one split
+    assert runs[0]["duplicate_ids"] == 5 == json.loads((tmp_path / "a" / "manifest.json").read_text())["duplicate_ids"]
+
+
+def test_val_split_is_stable_when_the_corpus_grows(ray_local, tmp_path):
+    small, large = tmp_path / "small", tmp_path / "large"
+    write_tokenized_dir(small, 60, 10, 10, parts=2)
+    write_tokenized_dir(large, 240, 40, 40, parts=3)  # a superset: ids are hashes of (modality, i)
+    val = {}
+    for name, root in (("small", small), ("large", large)):
+        pack_shards(PackConfig(out_dir=str(tmp_path / f"out-{name}"), shard_rows=8, val_fraction=0.25), str(root), RAY)
+        val[name] = {i for shard in shard_ids(tmp_path / f"out-{name}")["val"] for i in shard}
+    small_ids = {i for p in small.rglob("*.parquet") for i in pq.read_table(p)["id"].to_pylist()}
+    assert val["small"] == val["large"] & small_ids and len(val["small"]) >= 10
+
+
+@pytest.mark.parametrize("shard_rows", [1, 7, 16, 50, 500])
+def test_shard_sizes_and_order_are_those_of_a_global_sort(ray_local, tokenized, tmp_path, shard_rows):
+    """The stated bound: every shard holds exactly shard_rows rows but the last of each split
+    (1..shard_rows); shards in order are the split sorted by key (ties by id)."""
+    out = tmp_path / "out"
+    pack_shards(PackConfig(out_dir=str(out), shard_rows=shard_rows, val_fraction=0.2, seed=5), tokenized, RAY)
+    for shards in shard_ids(out).values():
+        sizes = [len(s) for s in shards]
+        assert all(n == shard_rows for n in sizes[:-1]) and 1 <= sizes[-1] <= shard_rows
+        flat = [i for s in shards for i in s]
+        assert flat == sorted(flat, key=lambda i: (hash_key(5, i), i))
+
+
+def test_driver_holds_no_per_row_plan(ray_local, tmp_path, monkeypatch):
+    """Structural: the driver never reads or hashes a row, and its plan (inputs, key-range
+    counts, shard specs) has the same size for 8x the rows in as many parts and shards."""
+    from pipelines import pack
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver read or hashed rows")
+
+    plans = []
+    real_plan = pack.shard_plan
+
+    def spy(cfg, inputs, counts):
+        shards = real_plan(cfg, inputs, counts)
+        plans.append((inputs, counts, shards))
+        return shards
+
+    monkeypatch.setattr(pack, "shard_plan", spy)
+    monkeypatch.setattr(pack, "route", refuse)  # workers import their own, unpatched module
+    monkeypatch.setattr(storage, "read_parquet", refuse)
+    for scale in (1, 8):
+        root = tmp_path / f"tok{scale}"
+        write_tokenized_dir(root, 100 * scale, 0, 0, parts=4)
+        metrics = pack_shards(PackConfig(out_dir=str(tmp_path / f"out{scale}"), shard_rows=10 * scale,
+                                         val_fraction=0.1), str(root), RAY)
+        assert metrics["rows"] == 100 * scale
+    sizes = [len(inputs.parts) + counts.size + len(shards) for inputs, counts, shards in plans]
+    bound = [(pack.RANGES_PER_SHARD + 1) * (len(inputs.parts) + len(shards)) for inputs, _, shards in plans]
+    assert sizes[0] == sizes[1] and all(n <= b for n, b in zip(sizes, bound)) and sizes[1] < 800 / 4
+    assert all(isinstance(v, (int, str, tuple)) for inputs, _, _ in plans for v in vars(inputs).values())
+
+
 def kill_when(code: str, ready, timeout: float = 300) -> bool:
     """Run ``code`` in a fresh Python (its own local Ray); SIGKILL its whole process group as
     soon as ``ready()``. Returns whether it was still running when killed."""
@@ -162,13 +265,13 @@ def kill_when(code: str, ready, timeout: float = 300) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_point", ["scatter", "gather"])
 def test_sigkill_then_rerun_gives_the_same_shards(ray_local, tokenized, tmp_path, kill_point):
-    cfg = dict(shard_rows=3, val_fraction=0.2, in_memory_mb=0.0)  # the spill path: a visible scatter phase
+    cfg = {"shard_rows": 3, "val_fraction": 0.2}
     pack_shards(PackConfig(out_dir=str(tmp_path / "reference"), **cfg), tokenized, RAY)
     out = tmp_path / "killed"
     code = (f"from pipelines.pack import PackConfig, pack_shards; from pipelines.common.ray_session import RayConfig; "
             f"pack_shards(PackConfig(out_dir={str(out)!r}, **{cfg!r}), {tokenized!r}, RayConfig(num_cpus=4))")
-    spill, train = out / ".spill", out / "train"
-    ready = {"scatter": lambda: spill.exists() and any(spill.iterdir()),
+    scatter, train = out / ".scatter", out / "train"
+    ready = {"scatter": lambda: scatter.exists() and any(p.suffix == ".counts" for p in scatter.rglob("*")),
              "gather": lambda: train.exists() and any(p.suffix == ".parquet" for p in train.iterdir())}[kill_point]
     assert kill_when(code, ready), "pack finished before the kill point"
     assert not (out / "manifest.json").exists()  # a killed run never shows a final manifest
