@@ -27,10 +27,17 @@ from typing import Iterator, Literal
 import torch
 
 from pipelines.common import storage
-from pipelines.common.configs import check
+from pipelines.common.configs import ParamsError, check
 from pipelines.common.ray_session import RayConfig, ray_session
 
 HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class TeacherNorm:
+    """Explicit per-channel (R, G, B) statistics the teacher's input is normalised with."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -39,9 +46,12 @@ class VisualTokenizerConfig:
     preset: Literal["tiny", "official-base"] = "tiny"
     pretrained: str | None = None          # official BEiT v2 vqkd .pth: load it, skip training
     image_size: int = 96                   # tokenizer input size (official: 224)
-    teacher: Literal["hog", "vit"] = "hog"
-    teacher_checkpoint: str | None = None  # teacher: vit -> local file (model/vqkd/teachers.py formats)
+    teacher: Literal["hog", "vit", "clip"] = "hog"
+    teacher_checkpoint: str | None = None  # vit / clip -> local file (model/vqkd/teachers.py formats)
     teacher_input_size: int | None = None  # a TorchScript teacher's image size
+    # vit / clip input statistics: a name (model/vqkd/teachers.py NORM_STATS) or {mean, std};
+    # null: the teacher's own (vit: imagenet, clip: openai_clip)
+    teacher_norm: Literal["imagenet", "openai_clip"] | TeacherNorm | None = None
     steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
@@ -66,8 +76,23 @@ class VisualTokenizerConfig:
         check(self.max_images >= 1, "visual_tokenizer.max_images: must be >= 1")
         check(self.num_threads >= 1 and self.num_gpus >= 0, "visual_tokenizer.num_threads/num_gpus")
         check(self.teacher_cache_mb >= 0, "visual_tokenizer.teacher_cache_mb: must be >= 0")
-        check(self.teacher != "vit" or bool(self.teacher_checkpoint),
-              "visual_tokenizer.teacher_checkpoint: required when teacher is 'vit'")
+        check(self.teacher == "hog" or bool(self.teacher_checkpoint),
+              f"visual_tokenizer.teacher_checkpoint: required when teacher is {self.teacher!r}")
+        check(self.teacher != "hog" or self.teacher_norm is None,
+              "visual_tokenizer.teacher_norm: must be null for teacher 'hog' (it reads raw pixels)")
+        try:
+            self.teacher_norm_stats()
+        except ValueError as err:
+            raise ParamsError(f"visual_tokenizer.teacher_norm: {err}") from err
+
+    def teacher_norm_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) for the teacher, or None for its own statistics."""
+        norm = self.teacher_norm
+        if norm is None:
+            return None
+        from model.vqkd.teachers import norm_stats
+
+        return norm_stats(norm if isinstance(norm, str) else (norm.mean, norm.std))
 
 
 def train_visual_tokenizer(cfg: VisualTokenizerConfig, clean_dir: str, ray_cfg: RayConfig) -> dict:
@@ -154,7 +179,7 @@ def _model_and_teacher(cfg: VisualTokenizerConfig):
         return VQKD.from_official(source), None
     base = vqkd_preset(cfg.preset, image_size=cfg.image_size)
     teacher = build_teacher(cfg.teacher, base.grid, base.patch_size, cfg.teacher_checkpoint,
-                            cfg.teacher_input_size)
+                            cfg.teacher_input_size, cfg.teacher_norm_stats())
     return VQKD(dataclasses.replace(base, out_dim=teacher.dim)), teacher
 
 
@@ -264,5 +289,5 @@ def _rounded(log: dict) -> dict:
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in log.items() if k != "seconds"}
 
 
-__all__ = ["VisualTokenizerConfig", "train_visual_tokenizer", "read_images", "shuffled_batches",
-           "evaluate_codes", "probe_codes", "HISTORY_FILE"]
+__all__ = ["VisualTokenizerConfig", "TeacherNorm", "train_visual_tokenizer", "read_images",
+           "shuffled_batches", "evaluate_codes", "probe_codes", "HISTORY_FILE"]

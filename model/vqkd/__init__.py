@@ -15,8 +15,9 @@ x in [0, 1] -> x*255/127.5 - 1 -> encoder patch tokens through fc_norm ->
 float32 task layer -> l2-normalise -> argmin of the squared distance to the
 codebook rows. Training lives in model/vqkd/train.py.
 
-Modules: vit.py (the BEiT-style ViT of the encoder, decoder and ViT teacher), teachers.py
-(HOG and frozen-ViT teachers), train.py (k-means init, EMA codebook, dead-code restarts,
+Modules: vit.py (the BEiT-style ViT of the encoder, decoder and ViT teacher), clip.py (OpenAI
+CLIP's image tower, BEiT v2's teacher), teachers.py (HOG and frozen-network teachers, their
+input normalisation), train.py (k-means init, EMA codebook, dead-code restarts,
 the training loop, code metrics); this module holds the VQKD model, its quantizer and its
 checkpoint I/O.
 """

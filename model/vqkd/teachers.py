@@ -6,7 +6,12 @@ for images x (B, 3, S, S) in [0, 1]; N is the tokenizer's patch grid (row-major)
 and ``teacher.dim`` is D. ``weights`` (optional) scale each patch's loss.
 
 - :class:`HOGTeacher` needs no weights at all (the demo default).
-- :class:`FrozenViTTeacher` loads a user-supplied ViT from a local path.
+- :class:`FrozenViTTeacher` runs a user-supplied frozen network from a local path: a
+  timm/DINO ViT, a whole exported network (``vit``), or OpenAI CLIP's image tower
+  (``clip``, BEiT v2's teacher; model/vqkd/clip.py).
+
+The images a network teacher sees are normalised with per-channel statistics, named in
+:data:`NORM_STATS` or given as (mean, std); see :func:`norm_stats`.
 """
 from __future__ import annotations
 
@@ -19,10 +24,30 @@ from torch import nn
 
 from model.safe_load import load_torch_checkpoint
 from model.vqkd import load_strict
+from model.vqkd.clip import clip_visual_from_state
 from model.vqkd.vit import ViT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NORM_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+              "openai_clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
+# Each network teacher's own statistics, used when none are asked for.
+DEFAULT_NORM = {"vit": "imagenet", "clip": "openai_clip"}
+
+
+def norm_stats(norm) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A name in NORM_STATS, or a (mean, std) pair of 3 numbers each -> (mean, std)."""
+    if isinstance(norm, str):
+        if norm not in NORM_STATS:
+            raise ValueError(f"unknown normalisation {norm!r}; choose one of {sorted(NORM_STATS)} "
+                             "or give (mean, std)")
+        return NORM_STATS[norm]
+    mean, std = (tuple(float(v) for v in s) for s in norm)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalisation needs 3 means and 3 stds > 0, got mean {mean}, std {std}")
+    return mean, std
 
 
 class HOGTeacher(nn.Module):
@@ -92,7 +117,7 @@ class FrozenViTTeacher(nn.Module):
     1. A whole network: a ``torch.export`` program (``torch.export.save``, ``.pt2``) or
        a TorchScript archive (``torch.jit.save``), e.g. a wrapper around CLIP or DINO
        that returns patch tokens. It is called on images resized to ``input_size`` and
-       normalised with ``mean``/``std`` (ImageNet by default) and must return token
+       normalised with ``mean``/``std`` (``build_teacher``'s ``norm``) and must return token
        features (B, T, D) - if T is a square plus one, the first (cls) token is
        dropped - or a feature map (B, D, h, w). Export with a dynamic batch dimension.
     2. A timm / DINO / DeiT style ViT state dict: ``.safetensors``, or a ``torch.load``
@@ -104,9 +129,13 @@ class FrozenViTTeacher(nn.Module):
        dim / 64 (every ViT-S/B/L/H); LayerNorm eps 1e-6 (timm, DINO). The k part of
        the fused qkv bias is dropped: it adds the same term to every key's logit, so
        softmax ignores it and the output is unchanged.
+    3. (``clip``, :meth:`from_clip`) OpenAI CLIP's ViT image tower: its state dict, bare
+       or under ``visual.`` in a whole CLIP checkpoint, in any file of 2., or OpenAI's own
+       released TorchScript archive (only its weights are read). Targets are BEiT v2's:
+       patch tokens after ``ln_post``, times ``proj``.
 
-    Outputs are the final-normed patch tokens, bilinearly resampled to the tokenizer's
-    ``grid`` when the teacher's own patch grid differs.
+    Outputs (the final-normed patch tokens; CLIP's projected ones) are bilinearly
+    resampled to the tokenizer's ``grid`` when the teacher's own patch grid differs.
     """
 
     def __init__(self, net: nn.Module, dim: int, grid: int, input_size: int,
@@ -132,6 +161,15 @@ class FrozenViTTeacher(nn.Module):
             return cls(net, dim, grid, input_size, mean, std)
         net = vit_from_timm_state(_read_state(path), num_heads=num_heads).eval()
         return cls(net, net.fc_norm.weight.shape[0], grid, input_size or net.image_size, mean, std)
+
+    @classmethod
+    def from_clip(cls, path: str, grid: int, input_size: int | None = None, num_heads: int | None = None,
+                  mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> "FrozenViTTeacher":
+        """OpenAI CLIP's image tower at ``path`` (see 3. above); dim = its ``proj`` width."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+        net = clip_visual_from_state(_read_clip_state(path), num_heads=num_heads)
+        return cls(net, net.output_dim, grid, input_size or net.image_size, mean, std)
 
     def train(self, mode: bool = True):
         """Always frozen in eval mode; the net was put in eval mode (or exported so) at load."""
@@ -210,6 +248,17 @@ def _load_program(path: str):
     return None
 
 
+def _read_clip_state(path: str) -> dict[str, torch.Tensor]:
+    """OpenAI releases CLIP as a TorchScript archive of the whole model: read its weights."""
+    program = _load_program(path)
+    if isinstance(program, torch.jit.ScriptModule):
+        return program.state_dict()
+    if program is not None:
+        raise ValueError(f"{path}: a torch.export program; teacher 'clip' needs CLIP weights "
+                         "(use teacher 'vit' for a whole exported network)")
+    return _read_state(path)
+
+
 def _read_state(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -232,16 +281,23 @@ def _strip(key: str) -> str:
 
 
 def build_teacher(kind: str, grid: int, patch_size: int, checkpoint: str | None = None,
-                  input_size: int | None = None) -> nn.Module:
-    """``hog`` (no weights) or ``vit`` (``checkpoint`` = a local file, see FrozenViTTeacher)."""
+                  input_size: int | None = None, norm=None) -> nn.Module:
+    """``hog`` (no weights), ``vit`` or ``clip`` (``checkpoint`` = a local file, see
+    FrozenViTTeacher). ``norm``: a NORM_STATS name or (mean, std) for a network teacher;
+    None = the teacher's own (DEFAULT_NORM). HOG reads raw pixels and takes none."""
     if kind == "hog":
+        if norm is not None:
+            raise ValueError("teacher 'hog' reads raw pixels: it takes no normalisation")
         return HOGTeacher(patch_size=patch_size)
-    if kind == "vit":
-        if not checkpoint:
-            raise ValueError("teacher 'vit' needs a checkpoint path")
-        return FrozenViTTeacher.from_path(checkpoint, grid=grid, input_size=input_size)
-    raise ValueError(f"unknown teacher {kind!r}; choose 'hog' or 'vit'")
+    if kind not in DEFAULT_NORM:
+        raise ValueError(f"unknown teacher {kind!r}; choose 'hog', 'vit' or 'clip'")
+    if not checkpoint:
+        raise ValueError(f"teacher {kind!r} needs a checkpoint path")
+    mean, std = norm_stats(DEFAULT_NORM[kind] if norm is None else norm)
+    load = FrozenViTTeacher.from_clip if kind == "clip" else FrozenViTTeacher.from_path
+    return load(checkpoint, grid=grid, input_size=input_size, mean=mean, std=std)
 
 
-__all__ = ["HOGTeacher", "FrozenViTTeacher", "vit_from_timm_state", "build_teacher",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["HOGTeacher", "FrozenViTTeacher", "vit_from_timm_state", "build_teacher", "norm_stats",
+           "NORM_STATS", "DEFAULT_NORM", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN",
+           "OPENAI_CLIP_STD"]

@@ -12,7 +12,9 @@ Recipe (BEiT v2 plus what made the tiny demo work, DESIGN §4/§7):
   then cosine k-means on the current features initialises the codebook;
 - a code unused for ``dead_code_steps`` steps is restarted on a current vector,
   preferring vectors far from their code (the usual EMA-size threshold never
-  fires in short runs).
+  fires in short runs);
+- AdamW (betas 0.9, 0.99) decaying weight matrices only (not biases, norms, cls_token,
+  pos_embed), as the reference does.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from model.optim import param_groups
 from model.vqkd import VQKD
 
 
@@ -202,8 +205,13 @@ def train_vqkd(model: VQKD, teacher: torch.nn.Module | None, batches: Iterator,
     teacher = teacher.to(device) if teacher is not None else None
     gen = torch.Generator(device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    # The reference's decay rule (optim_factory + VQKD.no_weight_decay): none on 1-D
+    # parameters (biases, norms, q/v biases) nor on encoder/decoder cls_token and pos_embed.
+    # BEiT's rule is the same on these names; the codebook, the reference's other skipped
+    # name, has no gradient (EMA-updated) and is in no group.
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     K = model.quantize.n_codes
     last_used = torch.zeros(K, dtype=torch.long, device=device)

@@ -4,13 +4,15 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model.optim import param_groups
 from model.vqkd import VQKD, vqkd_preset
-from model.vqkd.teachers import FrozenViTTeacher, HOGTeacher, build_teacher
+from model.vqkd.teachers import FrozenViTTeacher, HOGTeacher, build_teacher, norm_stats
 from model.vqkd.train import (
     VQKDTrainConfig,
     code_histograms,
@@ -200,6 +202,160 @@ def test_vit_teacher_from_a_whole_network_trains(tmp_path, fmt):
     with pytest.raises(ValueError, match="teacher dim"):
         train_vqkd(VQKD(vqkd_preset("tiny", image_size=32)), teacher, random_batches(8, 32, 4),
                    VQKDTrainConfig(steps=2, warmup_steps=1))
+
+
+# OpenAI's published CLIP preprocessing statistics, typed out independently of the code under test.
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+
+
+class RefQuickGELU(torch.nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class RefResidualAttentionBlock(torch.nn.Module):
+    """clip/model.py's block: nn.MultiheadAttention on (T, B, D), QuickGELU MLP."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(OrderedDict([("c_fc", torch.nn.Linear(width, width * 4)),
+                                                    ("gelu", RefQuickGELU()),
+                                                    ("c_proj", torch.nn.Linear(width * 4, width))]))
+        self.ln_2 = torch.nn.LayerNorm(width)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class RefTransformer(torch.nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = torch.nn.Sequential(*[RefResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class RefClipVisual(torch.nn.Module):
+    """A minimal clip.model.VisionTransformer (same parameter names and layout) whose
+    forward returns BEiT v2's targets: ln_post(patch tokens) @ proj."""
+
+    def __init__(self, resolution=32, patch=8, width=128, layers=2, heads=2, output_dim=24):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = torch.nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = torch.nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = torch.nn.Parameter(scale * torch.randn((resolution // patch) ** 2 + 1, width))
+        self.ln_pre = torch.nn.LayerNorm(width)
+        self.transformer = RefTransformer(width, layers, heads)
+        self.ln_post = torch.nn.LayerNorm(width)
+        self.proj = torch.nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x).reshape(x.shape[0], self.conv1.out_channels, -1).permute(0, 2, 1)
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD
+        return self.ln_post(x[:, 1:, :]) @ self.proj
+
+
+class RefClip(torch.nn.Module):  # a whole CLIP: `visual.` image tower beside text-tower weights
+    def __init__(self):
+        super().__init__()
+        self.visual = RefClipVisual()
+        self.transformer = RefTransformer(32, 1, 1)  # the text tower's names, unprefixed
+        self.token_embedding = torch.nn.Embedding(10, 32)
+        self.logit_scale = torch.nn.Parameter(torch.ones([]))
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+def random_clip(seed=0) -> RefClip:
+    torch.manual_seed(seed)
+    clip = RefClip().eval()
+    with torch.no_grad():  # non-trivial norms and biases, so every loaded tensor matters
+        for name, p in clip.named_parameters():
+            if p.ndim == 1 and name != "visual.class_embedding":
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+    return clip
+
+
+@pytest.mark.parametrize("layout", ["visual", "full_clip", "torchscript"])
+def test_clip_teacher_loads_the_openai_layout(tmp_path, layout):
+    clip = random_clip()
+    path = tmp_path / "clip.pt"
+    if layout == "visual":  # the image tower's own state dict
+        torch.save(clip.visual.state_dict(), path)
+    elif layout == "full_clip":  # a whole CLIP model's weights
+        torch.save({"state_dict": clip.state_dict()}, path)
+    else:  # how OpenAI releases CLIP: a TorchScript archive of the whole model
+        torch.jit.save(torch.jit.trace(clip, torch.rand(1, 3, 32, 32)), str(path))
+    teacher = build_teacher("clip", grid=4, patch_size=8, checkpoint=str(path))
+    x = torch.rand(3, 3, 32, 32)
+    feats, weights = teacher(x)
+    with torch.no_grad():
+        expected = clip.visual((x - CLIP_MEAN) / CLIP_STD)  # OpenAI statistics by default
+    assert weights is None and teacher.dim == 24 and feats.shape == (3, 16, 24)
+    assert torch.allclose(feats, expected, atol=1e-5, rtol=1e-4)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_clip_teacher_applies_the_chosen_normalisation(tmp_path):
+    clip = random_clip()
+    torch.save(clip.visual.state_dict(), tmp_path / "clip.pt")
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for norm, (m, s) in (("imagenet", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+                         ((mean, std), (mean, std))):
+        teacher = build_teacher("clip", grid=4, patch_size=8, checkpoint=str(tmp_path / "clip.pt"), norm=norm)
+        with torch.no_grad():
+            expected = clip.visual((x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1))
+        assert torch.allclose(teacher(x)[0], expected, atol=1e-5, rtol=1e-4)
+    coarse = build_teacher("clip", grid=2, patch_size=16, checkpoint=str(tmp_path / "clip.pt"))
+    assert coarse(x)[0].shape == (2, 4, 24)  # other tokenizer grid: resampled
+
+
+def test_teacher_normalisation_by_name_or_values(tmp_path):
+    assert norm_stats("openai_clip") == (OPENAI_MEAN, OPENAI_STD)
+    assert norm_stats(([0.5] * 3, [0.25] * 3)) == ((0.5,) * 3, (0.25,) * 3)
+    for bad in ("openai", ([0.5] * 3, [0.0, 1.0, 1.0]), ([0.5] * 2, [1.0] * 2)):
+        with pytest.raises(ValueError, match="normalisation"):
+            norm_stats(bad)
+    torch.manual_seed(0)
+    torch.save(timm_state(ViT(32, 8, 3, 64, 1, 1, 4.0, 1e-6)), tmp_path / "vit.pth")
+    vit = build_teacher("vit", grid=4, patch_size=8, checkpoint=str(tmp_path / "vit.pth"))
+    assert torch.allclose(vit.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))  # vit's default
+    vit = build_teacher("vit", grid=4, patch_size=8, checkpoint=str(tmp_path / "vit.pth"), norm="openai_clip")
+    assert torch.equal(vit.mean, CLIP_MEAN) and torch.equal(vit.std, CLIP_STD)
+    with pytest.raises(ValueError, match="raw pixels"):
+        build_teacher("hog", grid=4, patch_size=8, norm="imagenet")
+    with pytest.raises(ValueError, match="not an OpenAI CLIP"):
+        build_teacher("clip", grid=4, patch_size=8, checkpoint=str(tmp_path / "vit.pth"))
+
+
+def test_weight_decay_groups_follow_the_reference():
+    """optim_factory.get_parameter_groups with VQKD.no_weight_decay(): no decay on 1-D
+    parameters, biases and the encoder/decoder cls_token and pos_embed; the EMA codebook
+    has no gradient and is in no group."""
+    model = VQKD(vqkd_preset("tiny", image_size=32))
+    skip = {"encoder.cls_token", "encoder.pos_embed", "decoder.cls_token", "decoder.pos_embed"}
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got_decay = {names[id(p)] for p in decay["params"]}
+    got_no_decay = {names[id(p)] for p in no_decay["params"]}
+    expected_no_decay = {n for n, p in model.named_parameters()
+                         if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias") or n in skip)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert got_no_decay == expected_no_decay and skip <= got_no_decay
+    assert {"encoder.blocks.0.attn.q_bias", "encoder.fc_norm.weight"} <= got_no_decay
+    assert got_decay == {n for n, p in model.named_parameters() if p.requires_grad} - expected_no_decay
+    assert "encoder.blocks.0.attn.qkv.weight" in got_decay and "quantize.embedding.weight" not in got_decay
 
 
 def demo_scenes(n: int, seed: int, num_objects=None):

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import random
+from typing import get_args, get_type_hints
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,11 +13,20 @@ import pytest
 import torch
 
 from model.vqkd import VQKD
+from model.vqkd.teachers import NORM_STATS
 from pipelines.common.configs import ParamsError, build
 from pipelines.common.ray_session import RayConfig
 from pipelines.demo_data import render_scene
-from pipelines.visual_tokenizer import HISTORY_FILE, VisualTokenizerConfig, read_images, train_visual_tokenizer
+from pipelines.visual_tokenizer import (
+    HISTORY_FILE,
+    TeacherNorm,
+    VisualTokenizerConfig,
+    _model_and_teacher,
+    read_images,
+    train_visual_tokenizer,
+)
 from tests.model.test_vqkd import images, save_official, small_model
+from tests.model.test_vqkd_train import OPENAI_MEAN, random_clip
 
 RAY = RayConfig(num_cpus=4, cpus_per_task=0.5)
 
@@ -101,7 +111,7 @@ def test_pretrained_checkpoint_skips_training(tmp_path, ray_local):
 
 
 def test_read_images_dedups_and_counts_undecodable(tmp_path):
-    clean = write_clean_images(tmp_path / "clean", n_images=5, n_pairs=3)
+    write_clean_images(tmp_path / "clean", n_images=5, n_pairs=3)
     table = pq.read_table(tmp_path / "clean" / "image" / "part-00000.parquet")
     broken = pa.Table.from_pylist([{"id": "bad", "image": b"not an image", "width": 1, "height": 1,
                                     "source": "x"}])
@@ -122,3 +132,36 @@ def test_config_errors_name_the_key(tmp_path):
         build(VisualTokenizerConfig, {"out_dir": "unused", "steps": 10, "warmup_steps": 10}, "visual_tokenizer")
     with pytest.raises(FileNotFoundError, match="no image"):
         train_visual_tokenizer(VisualTokenizerConfig(out_dir=str(tmp_path / "o")), str(tmp_path), RAY)
+
+
+def test_teacher_norm_params(tmp_path):
+    def cfg(**params):
+        return build(VisualTokenizerConfig, {"out_dir": "unused", **params}, "visual_tokenizer")
+
+    names = get_args(get_args(get_type_hints(VisualTokenizerConfig)["teacher_norm"])[0])
+    assert set(names) == set(NORM_STATS)  # every named statistic is expressible in params
+    assert cfg().teacher_norm is None and cfg().teacher_norm_stats() is None
+    vit = {"teacher": "vit", "teacher_checkpoint": "t.pth"}
+    assert cfg(**vit, teacher_norm="openai_clip").teacher_norm_stats()[0] == OPENAI_MEAN
+    explicit = cfg(**vit, teacher_norm={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    assert explicit.teacher_norm == TeacherNorm((0.5,) * 3, (0.25,) * 3)
+    assert explicit.teacher_norm_stats() == ((0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ParamsError, match="visual_tokenizer.teacher_norm: normalisation needs"):
+        cfg(**vit, teacher_norm={"mean": [0.5, 0.5, 0.5], "std": [0.0, 0.25, 0.25]})
+    with pytest.raises(ParamsError, match="visual_tokenizer.teacher_norm"):
+        cfg(**vit, teacher_norm="openai")
+    with pytest.raises(ParamsError, match="visual_tokenizer.teacher_norm: must be null for teacher 'hog'"):
+        cfg(teacher_norm="imagenet")
+    with pytest.raises(ParamsError, match="visual_tokenizer.teacher_checkpoint: required when teacher is 'clip'"):
+        cfg(teacher="clip")
+
+
+def test_clip_teacher_sizes_the_tokenizer(tmp_path):
+    torch.save(random_clip().state_dict(), tmp_path / "clip.pt")  # 32 px, patch 8, 24-d targets
+    cfg = build(VisualTokenizerConfig, {"out_dir": "unused", "image_size": 32, "teacher": "clip",
+                                        "teacher_checkpoint": str(tmp_path / "clip.pt")}, "visual_tokenizer")
+    model, teacher = _model_and_teacher(cfg)
+    assert model.config.out_dim == teacher.dim == 24
+    assert torch.allclose(teacher.mean.flatten(), torch.tensor(OPENAI_MEAN))  # clip's own statistics
+    feats, _ = teacher(torch.rand(2, 3, 32, 32))
+    assert feats.shape == (2, model.config.num_patches, 24)
