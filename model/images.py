@@ -1,8 +1,10 @@
 """Image transforms: encoded bytes -> the backbone's input tensor, and BEiT v2's tokenizer view.
 
-Shard images are stored at the exact view the visual tokenizer saw (DESIGN §5), so there is
-no resizing here: decode, RGB, scale to [0, 1], then the official BEiT-3 normalisation
-(x - 0.5) / 0.5 (mean = std = 0.5 per channel), which maps to [-1, 1].
+Shard images are stored at the exact view the visual tokenizer saw (DESIGN §5): decode, RGB,
+scale to [0, 1], then the official BEiT-3 normalisation (x - 0.5) / 0.5 (mean = std = 0.5
+per channel), which maps to [-1, 1]. A model whose image size differs from the tokenizer's
+(BEiT v2's two resolutions of one crop, e.g. the giant's patch 14 at 224 on codes of a
+256-px patch-16 view) sees the view resized by :func:`resize_views`.
 """
 from __future__ import annotations
 
@@ -51,4 +53,14 @@ def preprocess(pil_image, image_size: int = 224) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
 
 
-__all__ = ["to_model_input", "preprocess"]
+def resize_views(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, 3, H, W) views in [-1, 1] -> (B, 3, S, S), bicubic with antialiasing (as PIL's
+    bicubic resize of the crop), clamped back to [-1, 1]; unchanged when already S x S."""
+    if pixels.shape[-2:] == (image_size, image_size):
+        return pixels
+    out = torch.nn.functional.interpolate(pixels.float(), size=(image_size, image_size), mode="bicubic",
+                                          align_corners=False, antialias=True)
+    return out.clamp_(-1.0, 1.0).to(pixels.dtype)
+
+
+__all__ = ["to_model_input", "preprocess", "resize_views"]

@@ -217,6 +217,15 @@ def _grow(mask: torch.Tensor, need: torch.Tensor, gen) -> None:
     mask[todo] = sub
 
 
+def token_grid(num_tokens: int) -> tuple[int, int]:
+    """The (H, W) patch grid of ``num_tokens`` visual codes: square, row-major (VQ-KD's
+    codes of a square crop). The model's own grid must equal it; its pixels need not."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} visual tokens do not form a square patch grid")
+    return side, side
+
+
 def block_mask(
     batch_size: int,
     grid: tuple[int, int],

@@ -19,7 +19,9 @@ from torch import nn
 
 from model.batch import ImagePart, MixedBatch, PairPart, TextPart  # noqa: F401  (MixedBatch re-exported)
 from model.heads import PretrainHeads
-from model.masking import Generator, TextMask, as_generator, block_mask, mask_text, num_to_mask, replacement_ids
+from model.images import resize_views
+from model.masking import (Generator, TextMask, as_generator, block_mask, mask_text, num_to_mask,
+                           replacement_ids, token_grid)
 
 PART_KEYS = ("text_mlm", "image_mim", "pair_mlm", "pair_mim")
 
@@ -89,14 +91,9 @@ class Masker:
                          padding_mask=padding_mask)
 
     def image(self, part: ImagePart | PairPart, ratio: float, gen: Generator) -> torch.Tensor:
-        """-> (B, N) bool block mask of the part's patch grid; gen as in `text`."""
-        height, width = part.pixels.shape[-2:]
-        grid = (height // self.patch_size, width // self.patch_size)
+        """-> (B, N) bool block mask of the visual tokens' patch grid; gen as in `text`."""
         n = part.visual_tokens.shape[1]
-        if grid[0] * grid[1] != n:
-            raise ValueError(f"{height}x{width} pixels at patch {self.patch_size} give {grid[0]}x{grid[1]} "
-                             f"patches, but there are {n} visual tokens per image")
-        return block_mask(part.batch_size, grid, num_to_mask(ratio, n), self.masking.min_block,
+        return block_mask(part.batch_size, token_grid(n), num_to_mask(ratio, n), self.masking.min_block,
                           generator=gen, device=part.pixels.device)
 
     def __call__(self, batch: MixedBatch, generator: Generator = None) -> PretrainMasks:
@@ -166,12 +163,23 @@ class PretrainTask(nn.Module):
         hidden = self.model.encode(text=mask.input_ids, text_padding_mask=part.padding_mask)  # (B, L, D)
         self._score("text_mlm", self.heads.text(hidden, mask.selected), part.ids[mask.selected], out)
 
+    def _pixels(self, part: ImagePart | PairPart) -> torch.Tensor:
+        """The part's views at the model's image size (B, 3, S, S); the model's patch grid must
+        be the visual tokens' grid (checked here, where a mismatch would mis-align targets)."""
+        config = self.model.config
+        side = config.image_size // config.patch_size
+        if (side, side) != token_grid(part.visual_tokens.shape[1]):
+            grid = token_grid(part.visual_tokens.shape[1])
+            raise ValueError(f"the model's patch grid is {side}x{side} (image {config.image_size}, patch "
+                             f"{config.patch_size}) but the visual tokens form a {grid[0]}x{grid[1]} grid")
+        return resize_views(part.pixels, config.image_size)
+
     def _image(self, part: ImagePart, mask: torch.Tensor, out: dict) -> None:
-        hidden = self.model.encode(image=part.pixels, image_mask=mask)  # (B, 1 + N, D)
+        hidden = self.model.encode(image=self._pixels(part), image_mask=mask)  # (B, 1 + N, D)
         self._score("image_mim", self.heads.image(hidden[:, 1:], mask), part.visual_tokens[mask], out)
 
     def _pair(self, part: PairPart, text_mask: TextMask, image_mask, out: dict) -> None:
-        hidden = self.model.encode(image=part.pixels, text=text_mask.input_ids,
+        hidden = self.model.encode(image=self._pixels(part), text=text_mask.input_ids,
                                    text_padding_mask=part.padding_mask, image_mask=image_mask)  # (B, 1 + N + L, D)
         split = 1 + part.visual_tokens.shape[1]
         if hidden.shape[1] != split + part.ids.shape[1]:

@@ -185,11 +185,9 @@ def masked_views(png: bytes, num_patches: int, ratio: float, min_block: int, see
     import torch
     from PIL import Image, ImageDraw
 
-    from model.masking import block_mask, num_to_mask
+    from model.masking import block_mask, num_to_mask, token_grid
 
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ValueError(f"{num_patches} visual tokens do not form a square patch grid")
+    grid, _ = token_grid(num_patches)
     with Image.open(io.BytesIO(png)) as img:
         view = img.convert("RGB")
     scale = max(1, math.ceil(SAMPLE_PX / view.width))
