@@ -55,8 +55,8 @@ from pipelines.clean.image_filters import ImageFilterConfig
 from pipelines.clean.outputs import OUTPUT_SCHEMAS, write_outputs
 from pipelines.clean.rows import ORDER_BITS, STEPS, map_units
 from pipelines.clean.text_files import count_newlines
-from pipelines.clean.units import dedup_shards, newline_jobs, plan_units, with_newlines
 from pipelines.clean.text_filters import PairFilterConfig, TextFilterConfig
+from pipelines.clean.units import dedup_shards, newline_jobs, plan_units, with_newlines
 from pipelines.common import storage
 from pipelines.common.configs import check
 from pipelines.common.ray_session import bounded_tasks, cluster_cpus, ray_session, spread_task

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from pipelines.clean.archive import escapes, tar_members, wds_key
 from pipelines.clean.rejects import Reject
-from pipelines.clean.text_files import TEXT_FORMATS, is_text_file, iter_lines, text_lines
+from pipelines.clean.text_files import iter_lines, text_lines
 from pipelines.common import storage
 from pipelines.common.configs import check
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import os
+import random
 import tarfile
 
 import pyarrow as pa
