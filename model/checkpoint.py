@@ -162,6 +162,20 @@ def load_official_beit3(path_or_state_dict, preset: str | BEiT3Config = "base", 
     return _model_from_state(cfg, ours, copy=owned_by_caller)
 
 
+def official_backbone_state(path_or_state_dict, cfg: BEiT3Config) -> tuple[dict, list[str]]:
+    """(our backbone state dict for ``cfg``, ignored task-head keys) from an official
+    unilm/beit3 checkpoint, to continue training from it. The official text table (64010
+    rows) is cut to ``cfg.vocab_size`` rows: ids past the tokenizer's are never used."""
+    state, _ = _read_official(path_or_state_dict)
+    ours, ignored = convert_official_state_dict(state, cfg)
+    table = ours["text_embed.weight"]
+    if table.shape[0] < cfg.vocab_size:
+        raise ValueError(f"the checkpoint's text table has {table.shape[0]} rows, fewer than the "
+                         f"{cfg.vocab_size} ids of the text tokenizer")
+    ours["text_embed.weight"] = table[:cfg.vocab_size]
+    return ours, ignored
+
+
 def export_official_beit3(model: BEiT3, text_rows: int | None = None) -> dict:
     """{'model': state dict in the official unilm/beit3 layout} (new tensors, float32 as stored).
 

@@ -73,6 +73,7 @@ def stage_inputs(params: Params, stage: str) -> dict[str, str]:
         "text_tokenizer": {"text_tokenizer.pretrained": params.text_tokenizer.pretrained},
         "visual_tokenizer": {f"visual_tokenizer.{k}": getattr(params.visual_tokenizer, k)
                              for k in ("pretrained", "teacher_checkpoint", "probe_dir")},
+        "pretrain": {"pretrain.init_from": params.pretrain.init_from},
         "evaluate": {"evaluate.retrieval.dataset": retrieval.dataset,
                      "evaluate.retrieval.image_root": retrieval.image_root or os.path.dirname(retrieval.dataset),
                      "evaluate.probe.root": params.evaluate.probe.root},

@@ -9,7 +9,8 @@ function of the step (pipelines.pretrain.data), so a resumed run continues at
 the exact next sample and repeats the uninterrupted run's loss curve.
 
 Modules: data.py (sample order over the shards, per-sample masks, length-sorted text
-pieces, prefetch), loop.py (the per-worker training loop), wrapping.py (per-layer
+pieces), loader.py (builds the next steps' batches: a thread or pretrain.loader_workers
+processes), loop.py (the per-worker training loop), wrapping.py (per-layer
 torch.compile, then DDP / FSDP2), checkpoints.py (the files of one training checkpoint);
 this module is the driver and the config.
 """
@@ -35,12 +36,17 @@ from pipelines.common.shards import ShardIndex, absolute, read_manifest, split_i
 from pipelines.common.task_files import task_spec
 from pipelines.common.train_csv import CSV_FIELDS, csv_text, read_csv
 
+# The paper's peak lr (at its batch of 6144), and how far above it a config may go unasked.
+PAPER_PEAK_LR = 1e-3
+HIGH_LR_FACTOR = 4
+
 # Fields that change how a run executes but not what it computes: a run
 # interrupted under one value resumes under another (e.g. more workers).
 RUNTIME_FIELDS = frozenset({
     "out_dir", "checkpoint_dir", "plots_path", "keep_checkpoints", "num_workers", "use_gpu",
     "cpus_per_worker", "threads_per_worker", "strategy", "compile", "activation_checkpointing",
     "checkpoint_every", "log_every", "log_samples", "text_chunks", "grad_accum_steps", "max_failures",
+    "loader_workers",
 })
 
 
@@ -85,6 +91,9 @@ class BatchMix:
 class PretrainConfig:
     out_dir: str = field(kw_only=True)  # the exported model
     lr: float = 1e-3  # peak lr at lr_reference_batch; scaled linearly with the global batch
+    allow_high_lr: bool = False  # permit a peak lr above 4x the paper's 1e-3
+    init_from: str | None = None  # official unilm/beit3 .pth or a project export: continue pretraining from it
+    official_text_rows: int | None = 64010  # text rows of the official .pth export (null: the tokenizer's)
     model: ModelParams = ModelParams()
     steps: int = 800
     batch: BatchMix = BatchMix()
@@ -101,6 +110,7 @@ class PretrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small machines, so Ray never deadlocks
     threads_per_worker: int | None = None  # torch threads; null = cores / workers
+    loader_workers: int = 1  # per training worker: 1 = a background thread, k > 1 = k loader processes
     strategy: Literal["ddp", "fsdp"] = "ddp"
     bf16: bool = True  # autocast on GPU (CPU runs stay float32)
     compile: bool = False
@@ -120,6 +130,13 @@ class PretrainConfig:
         check(self.lr > 0, "pretrain.lr: must be > 0")
         check(self.steps >= 1, "pretrain.steps: must be >= 1")
         check(self.lr_reference_batch >= 1, "pretrain.lr_reference_batch: must be >= 1")
+        check(self.allow_high_lr or self.peak_lr <= HIGH_LR_FACTOR * PAPER_PEAK_LR,
+              f"pretrain: the peak lr is {self.peak_lr:.3g} (lr {self.lr:g} x global batch {self.batch.total} / "
+              f"lr_reference_batch {self.lr_reference_batch}), {self.peak_lr / PAPER_PEAK_LR:.0f}x the paper's "
+              f"{PAPER_PEAK_LR:g}; lower pretrain.lr, raise pretrain.lr_reference_batch (the paper: 6144), "
+              "or set pretrain.allow_high_lr: true")
+        check(self.official_text_rows is None or self.official_text_rows >= 1,
+              "pretrain.official_text_rows: must be >= 1 or null")
         check(0 <= self.warmup_steps, "pretrain.warmup_steps: must be >= 0")
         check(0 <= self.min_lr <= self.lr, "pretrain.min_lr: must be in [0, lr]")
         check(self.weight_decay >= 0, "pretrain.weight_decay: must be >= 0")
@@ -131,6 +148,7 @@ class PretrainConfig:
         check(self.cpus_per_worker > 0, "pretrain.cpus_per_worker: must be > 0")
         check(self.threads_per_worker is None or self.threads_per_worker >= 1,
               "pretrain.threads_per_worker: must be >= 1 or null")
+        check(self.loader_workers >= 1, "pretrain.loader_workers: must be >= 1")
         check(self.checkpoint_every >= 1, "pretrain.checkpoint_every: must be >= 1")
         check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints: must be >= 1")
         check(self.max_failures >= -1, "pretrain.max_failures: must be >= 0 (or -1: retry forever)")
@@ -186,9 +204,12 @@ def run_pretraining(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: st
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads(open(os.path.join(ckpt, "state.json")).read())
         rows = read_csv(os.path.join(ckpt, "metrics.csv"))
-        export_model(ckpt, cfg.out_dir, cfg.log_samples)
+        official = export_model(ckpt, cfg.out_dir, cfg.log_samples, cfg.official_text_rows)
+    if not official:
+        print(f"pretrain: variant {cfg.model.variant}: exported the project's layout (safetensors, config, heads) "
+              f"to {cfg.out_dir}; the official .pth exists only for the released variant", flush=True)
     write_csv(cfg.plots_path, rows)
-    return summary(cfg, name, state, rows, time.time() - started)
+    return summary(cfg, name, state, rows, time.time() - started) | {"official_export": official}
 
 
 def make_job(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: str) -> dict:
@@ -213,11 +234,23 @@ def make_job(cfg: PretrainConfig, shards_dir: str, text_tokenizer_dir: str) -> d
         raise ValueError(f"the shards were tokenized with another text tokenizer than {text_tokenizer_dir} "
                          f"(sha256 {text_sha[:12]} vs {tokenizer.sha256[:12]})")
     backbone = task_spec(cfg, job["text"], job["visual_vocab_size"])["backbone"]
-    for key in ("image_size", "patch_size"):
-        if visual.get(key) and visual[key] != backbone[key]:
-            raise ValueError(f"the shards' visual tokens are for {key} {visual[key]} but the "
-                             f"{cfg.model.preset} model has {backbone[key]}; set pretrain.model.overrides.{key}")
+    check_grids(visual, backbone, cfg.model.preset)
     return job
+
+
+def check_grids(visual: dict, backbone: dict, preset: str) -> None:
+    """The model's patch grid must be the visual tokenizer's (the views are resized to the
+    model's image size, BEiT v2's two resolutions of one crop; the codes are not)."""
+    if not (visual.get("image_size") and visual.get("patch_size")):
+        return
+    codes = visual["image_size"] // visual["patch_size"]
+    model = backbone["image_size"] // backbone["patch_size"]
+    if codes != model:
+        raise ValueError(
+            f"pretrain.model: the {preset} model's patch grid is {model}x{model} (image_size "
+            f"{backbone['image_size']}, patch_size {backbone['patch_size']}) but the visual tokenizer's is "
+            f"{codes}x{codes} (image_size {visual['image_size']}, patch_size {visual['patch_size']}); set "
+            f"pretrain.model.overrides.image_size to {codes} x the patch size")
 
 
 def manifest_visual_info(manifest: dict) -> dict:
@@ -260,8 +293,9 @@ def checkpoint_storage(checkpoint_dir: str) -> dict:
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 
-def export_model(ckpt_dir: str, out_dir: str, with_samples: bool) -> None:
-    """Checkpoint -> out_dir: backbone safetensors + config, heads, and the official layout.
+def export_model(ckpt_dir: str, out_dir: str, with_samples: bool, text_rows: int | None = None) -> bool:
+    """Checkpoint -> out_dir: backbone safetensors + config, heads, and (released variant)
+    the official layout; returns whether the official .pth was written.
 
     Written to a sibling temp folder and swapped in, so out_dir is never half-written.
     """
@@ -271,7 +305,7 @@ def export_model(ckpt_dir: str, out_dir: str, with_samples: bool) -> None:
     try:
         from pipelines.pretrain.checkpoints import export_from_checkpoint
 
-        export_from_checkpoint(ckpt_dir, tmp)
+        official = export_from_checkpoint(ckpt_dir, tmp, text_rows)
         if with_samples:
             shutil.copy2(os.path.join(ckpt_dir, "samples.jsonl"), os.path.join(tmp, "samples.jsonl"))
         if os.path.exists(out):
@@ -279,6 +313,7 @@ def export_model(ckpt_dir: str, out_dir: str, with_samples: bool) -> None:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return official
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -304,4 +339,13 @@ def summary(cfg: PretrainConfig, name: str, state: dict, rows: list[dict], wall_
         "stage_wall_s": round(wall_s, 1),
         "num_workers": cfg.num_workers,
         "model": dataclasses.asdict(cfg.model),
+        "init_from": _init_summary(state.get("init_from")),
     }
+
+
+def _init_summary(report: dict | None) -> dict | None:
+    """metrics/pretrain.json's view of pretrain.init_from: the source, how many tensors it
+    gave, and which were initialised here (the heads, for an official checkpoint)."""
+    if not report:
+        return None
+    return {"source": report["source"], "loaded": len(report["loaded"]), "new": report["new"]}

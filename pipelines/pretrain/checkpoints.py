@@ -93,6 +93,8 @@ def task_from_checkpoint(directory: str) -> PretrainTask:
     return task
 
 
-def export_from_checkpoint(ckpt_dir: str, out_dir: str) -> None:
-    """Training checkpoint -> the exported model directory (pipelines.common.task_files)."""
-    task_files.export_task(task_from_checkpoint(ckpt_dir), task_files.read_task_spec(ckpt_dir), out_dir)
+def export_from_checkpoint(ckpt_dir: str, out_dir: str, text_rows: int | None = task_files.OFFICIAL_TEXT_ROWS) -> bool:
+    """Training checkpoint -> the exported model directory (pipelines.common.task_files);
+    whether the official .pth was written (released variant only)."""
+    return task_files.export_task(task_from_checkpoint(ckpt_dir), task_files.read_task_spec(ckpt_dir), out_dir,
+                                  text_rows)

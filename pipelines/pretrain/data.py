@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from model.batch import MixedBatch, TextPart, collate_rows
-from model.masking import TextMask, block_mask, num_to_mask
+from model.batch import MixedBatch, TextPart
+from model.masking import TextMask, block_mask, num_to_mask, token_grid
 from model.task import PretrainMasks
 from pipelines.common.schema import MODALITIES
 from pipelines.common.seeding import mix_seed, seeded_rng
@@ -132,12 +131,9 @@ def step_masks(masker, batch: MixedBatch, step: int, seed: int, positions: dict[
         return masker.text(part.ids, part.padding_mask, ratio, gens)
 
     def image_masks(part, ratio, modality, key):
-        grid = tuple(d // masker.patch_size for d in part.pixels.shape[-2:])
         n = part.visual_tokens.shape[1]
-        if grid[0] * grid[1] != n:
-            raise ValueError(f"{modality}: a {grid[0]}x{grid[1]} patch grid but {n} visual tokens per image")
         gen = torch.Generator().manual_seed(mix_seed(seed, step, MODALITIES.index(modality), key))
-        masks = block_mask(global_batch[modality], grid, num_to_mask(ratio, n), cfg.min_block, generator=gen)
+        masks = block_mask(global_batch[modality], token_grid(n), num_to_mask(ratio, n), cfg.min_block, generator=gen)
         first = positions[modality].start - step * global_batch[modality]
         return masks[first:first + part.batch_size]
 
@@ -218,33 +214,5 @@ def count_tokens(batch: MixedBatch) -> int:
     return total
 
 
-class StepLoader:
-    """Builds step t+1's batch and masks in a background thread while step t trains."""
-
-    def __init__(self, stream: MixedStream, masker, pad_id: int, seed: int, log_samples: bool):
-        self.stream, self.masker, self.pad_id, self.seed = stream, masker, pad_id, seed
-        self.log_samples = log_samples
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")
-        self.pending: dict[int, object] = {}
-
-    def _load(self, step: int):
-        rows = self.stream.rows(step)
-        batch = collate_rows(rows, self.pad_id)
-        masks = step_masks(self.masker, batch, step, self.seed, self.stream.positions(step),
-                           self.stream.batch)
-        ids = [r["id"] for r in rows] if self.log_samples else None
-        return batch, masks, ids, count_tokens(batch)
-
-    def get(self, step: int, last_step: int):
-        future = self.pending.pop(step, None) or self.pool.submit(self._load, step)
-        if step + 1 < last_step:
-            self.pending[step + 1] = self.pool.submit(self._load, step + 1)
-        return future.result()
-
-    def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 __all__ = ["ModalityOrder", "worker_positions", "MixedStream", "step_masks", "part_counts",
-           "split_micro_batches", "split_text_part",
-           "count_tokens", "StepLoader"]
+           "split_micro_batches", "split_text_part", "count_tokens"]

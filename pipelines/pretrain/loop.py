@@ -28,7 +28,9 @@ from pipelines.common import task_files
 from pipelines.common.seeding import mix_seed
 from pipelines.common.train_csv import LiveCSV
 from pipelines.pretrain.checkpoints import TrainingState, restore_checkpoint, save_sharded_state, write_run_files
-from pipelines.pretrain.data import MixedStream, StepLoader, part_counts, split_micro_batches, split_text_part
+from pipelines.pretrain.data import part_counts, split_micro_batches, split_text_part
+from pipelines.pretrain.init import initialize_from
+from pipelines.pretrain.loader import StepSource, step_loader
 from pipelines.pretrain.wrapping import distributed, gradient_sync, wrap_model
 
 
@@ -52,7 +54,14 @@ class PretrainLoop:
         self.job, self.rank, self.world_size, self.device, self.report = job, rank, world_size, device, report
         self.spec = task_files.task_spec(cfg, job["text"], job["visual_vocab_size"])
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-        self.task = task_files.build_task(self.spec).to(device)
+        self.task = task_files.build_task(self.spec)
+        self.initialized_from = None
+        if cfg.init_from and not resume_dir:  # a resumed run's weights come from its checkpoint
+            self.initialized_from = initialize_from(self.task, cfg.init_from)
+            if rank == 0:
+                log(f"pretrain: init_from {cfg.init_from}: loaded {len(self.initialized_from['loaded'])} tensors, "
+                    f"new (initialised here): {', '.join(self.initialized_from['new']) or 'none'}")
+        self.task = self.task.to(device)
         self.model = wrap_model(StepModule(self.task), self.task.model.layers, cfg, device)
         self.optimizer = torch.optim.AdamW(param_groups(self.task, cfg.weight_decay), lr=cfg.peak_lr,
                                            betas=cfg.betas, eps=cfg.eps)
@@ -60,14 +69,16 @@ class PretrainLoop:
         self.resumed_from = 0
         if resume_dir:
             self._restore(resume_dir)
-        stream = MixedStream(job["index"], cfg.batch.as_dict(), cfg.seed, rank, world_size)
-        self.loader = StepLoader(stream, self.task.masker, job["text"]["pad_id"], cfg.seed, cfg.log_samples)
+        source = StepSource(job["index"], cfg.batch.as_dict(), cfg.seed, rank, world_size, self.task.masker,
+                            job["text"]["pad_id"], cfg.log_samples)
+        self.loader = step_loader(source, cfg.loader_workers)
 
     def _restore(self, directory: str) -> None:
         training = restore_checkpoint(directory, self.job["run_name"], self.model, self.optimizer)
         self.step = self.resumed_from = int(training.state["step"])
         self.elapsed = float(training.state["elapsed_s"])
         self.history, self.samples = training.history, training.samples
+        self.initialized_from = training.state.get("init_from")
         if self.rank == 0:
             log(f"pretrain: resumed run {self.job['run_name']} at step {self.step}/{self.cfg.steps}")
 
@@ -156,7 +167,7 @@ class PretrainLoop:
             if self.rank == 0:
                 state = {"run_name": self.job["run_name"], "step": self.step, "steps": self.cfg.steps,
                          "elapsed_s": self.elapsed, "resumed_from_step": self.resumed_from,
-                         "world_size": self.world_size}
+                         "world_size": self.world_size, "init_from": self.initialized_from}
                 write_run_files(directory, self.spec, TrainingState(state, self.history, self.samples),
                                 self.cfg.log_samples)
             self.report(metrics, directory)

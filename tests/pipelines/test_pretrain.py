@@ -1,6 +1,7 @@
 """pretrain: deterministic data order, exact resume, 1 vs 2 workers, SIGKILL of the stage."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -458,3 +459,79 @@ def test_the_export_of_a_sharded_checkpoint_holds_the_trained_weights(tiny_corpu
     trained = loop.task.state_dict()
     assert exported.keys() == trained.keys()
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_a_peak_lr_far_above_the_papers_fails_unless_allowed(tmp_path):
+    """lr scales with global batch / lr_reference_batch: the paper's batch (2048 per
+    modality) at the demo's reference batch would be 64x the paper's peak lr."""
+    params = tiny_pretrain_params(str(tmp_path), batch={"text": 2048, "image": 2048, "pair": 2048},
+                                  lr_reference_batch=96)
+    with pytest.raises(ParamsError, match=r"peak lr is 0\.064 .* 64x the paper's .*pretrain\.allow_high_lr"):
+        build(PretrainConfig, params, "pretrain")
+    assert build(PretrainConfig, {**params, "allow_high_lr": True}, "pretrain").peak_lr == pytest.approx(0.064)
+    assert build(PretrainConfig, {**params, "lr_reference_batch": 6144}, "pretrain").peak_lr == pytest.approx(1e-3)
+
+
+def test_the_paper_variant_exports_its_own_layout(tiny_corpus, tmp_path):
+    from pipelines.common.task_files import OFFICIAL_FILE, load_exported_task
+    from pipelines.pretrain.checkpoints import export_from_checkpoint
+    from tests.pipelines.pretrain_fixtures import TINY_MODEL
+
+    job = tiny_job(tiny_corpus, str(tmp_path), steps=2, checkpoint_every=2,
+                   model={"preset": "tiny", "variant": "paper", "overrides": {**TINY_MODEL, "vl_expert_layers": 1}})
+    loop, saved = train_in_process(job, keep_dir=str(tmp_path / "ckpts"))
+    assert export_from_checkpoint(saved[2], str(tmp_path / "model")) is False
+    assert not (tmp_path / "model" / OFFICIAL_FILE).exists()
+    task = load_exported_task(str(tmp_path / "model"))
+    assert task.model.config.variant == "paper"
+    assert all(torch.equal(v, loop.task.state_dict()[k]) for k, v in task.state_dict().items())
+
+
+def test_a_patch_14_model_trains_on_patch_16_codes_of_the_same_grid(tiny_corpus, tmp_path):
+    """The giant's pairing at demo scale: the shards' 32-px patch-16 views (2x2 codes) feed a
+    patch-14 model at 28 px (2x2 patches): views are resized, codes are the targets as they
+    are. A grid mismatch fails before training, naming both grids."""
+    from tests.pipelines.pretrain_fixtures import TINY_MODEL
+
+    model = {"preset": "tiny", "overrides": {**TINY_MODEL, "patch_size": 14, "image_size": 28}}
+    loop, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path / "p14"), steps=3, checkpoint_every=3,
+                                        model=model))
+    assert loop.task.model.config.patch_size == 14 and len(loop.history) == 3
+    assert all(r["loss"] is not None and r["loss_image_mim"] is not None for r in loop.history)
+    wrong = {"preset": "tiny", "overrides": {**TINY_MODEL, "patch_size": 14, "image_size": 42}}
+    with pytest.raises(ValueError, match=r"patch grid is 3x3 .* the visual tokenizer's is 2x2"):
+        tiny_job(tiny_corpus, str(tmp_path / "bad"), model=wrong)
+
+
+def test_init_from_an_official_checkpoint_continues_from_its_weights(tiny_corpus, tmp_path):
+    """A random-weight torchscale BEiT3 saved in the official layout (text table of 64010
+    rows) seeds the backbone through pretrain.init_from: the first step's encoder outputs
+    are torchscale's, the heads are reported as new, and the run trains on."""
+    from pipelines.pretrain.loop import PretrainLoop
+    from tests.pipelines.pretrain_fixtures import TINY_MODEL
+    from tests.torchscale_reference import torchscale_model
+
+    probe = tiny_job(tiny_corpus, str(tmp_path / "probe"))
+    config = PretrainLoop(probe, 0, 1, torch.device("cpu"), None, None).task.model.config
+    torch.manual_seed(1)
+    reference = torchscale_model(dataclasses.replace(config, vocab_size=64010)).eval()
+    path = str(tmp_path / "beit3_official.pth")
+    torch.save({"model": {"beit3." + k: v for k, v in reference.state_dict().items()}}, path)
+
+    job = tiny_job(tiny_corpus, str(tmp_path / "run"), steps=2, checkpoint_every=2, init_from=path,
+                   model={"preset": "tiny", "overrides": dict(TINY_MODEL)})
+    loop = PretrainLoop(job, 0, 1, torch.device("cpu"), lambda *_: None, None)
+    assert loop.initialized_from["new"] == sorted(k for k in loop.task.state_dict() if k.startswith("heads."))
+    assert all(k.startswith("model.") for k in loop.initialized_from["loaded"])
+    batch, _, _, _ = loop.loader.source[0]
+    pair = batch.pair
+    with torch.no_grad():
+        ours = loop.task.model.eval().encode(image=pair.pixels, text=pair.ids, text_padding_mask=pair.padding_mask)
+        theirs = reference(textual_tokens=pair.ids, visual_tokens=pair.pixels,
+                           text_padding_position=pair.padding_mask)["encoder_out"]
+    keep = torch.cat([torch.ones(pair.ids.shape[0], ours.shape[1] - pair.ids.shape[1], dtype=torch.bool),
+                      ~pair.padding_mask], 1)
+    assert (ours - theirs)[keep].abs().max() < 1e-4
+    loop.task.train()
+    loop.run()
+    assert len(loop.history) == 2 and loop.history[-1]["loss"] is not None
