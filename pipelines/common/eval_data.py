@@ -4,12 +4,20 @@ Images are preprocessed as the tokenize stage prepares shard images: the visual
 tokenizer's transform (``model.images.preprocess``: shorter side to S*256/224,
 bicubic, center crop S) at the backbone's image size, then the backbone's
 normalisation (x - 0.5) / 0.5. Files are read only under the declared root.
+
+Evaluation sets are read lazily (``ImageFiles``): only the images of the batch at hand are
+decoded, so memory follows the batch size, not the size of the set (a whole COCO split as
+one float tensor does not fit in memory); ``prefetched`` decodes the next batch in a
+background thread while the model works on the current one.
 """
 from __future__ import annotations
 
 import io
 import posixpath
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -38,9 +46,51 @@ def load_image(path: str, image_size: int) -> torch.Tensor:
     return x.sub_(0.5).div_(0.5)
 
 
-def load_images(paths: list[str], image_size: int) -> torch.Tensor:
-    """-> (N, 3, S, S)."""
+def load_images(paths: Sequence[str], image_size: int) -> torch.Tensor:
+    """A batch of image files -> (B, 3, S, S)."""
     return torch.stack([load_image(p, image_size) for p in paths])
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """An image set read on demand: ``load`` decodes just the images asked for."""
+
+    paths: tuple[str, ...]
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Images at ``indices`` (in that order) -> (B, 3, S, S) in [-1, 1]."""
+        idx = indices.tolist() if torch.is_tensor(indices) else indices
+        return load_images([self.paths[i] for i in idx], self.image_size)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Consecutive batches (B <= batch_size, 3, S, S) in file order, the next one decoded
+        while the caller uses the current one."""
+        starts = range(0, len(self.paths), batch_size)
+        return prefetched(lambda s: self.load(range(s, min(s + batch_size, len(self.paths)))), starts)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetched(load: Callable[[T], R], jobs: Iterable[T]) -> Iterator[R]:
+    """``load(job)`` for each job, in order, the next job's load running in one background
+    thread while the caller works on the current result: image decoding (Pillow releases the
+    GIL) overlaps the model, and at most two results are alive at a time. ``jobs`` is consumed
+    one item ahead of what has been yielded."""
+    with ThreadPoolExecutor(1, thread_name_prefix="eval-decode") as pool:
+        pending = None
+        for job in jobs:
+            future = pool.submit(load, job)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
 
 
 @dataclass(frozen=True)

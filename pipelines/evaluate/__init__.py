@@ -8,7 +8,10 @@ Everything runs in one Ray task (one GPU with evaluate.use_gpu):
    the test split (pipelines.evaluate.retrieval);
 3. linear probe on frozen image features of an ImageFolder (pipelines.evaluate.probe);
 (2) and (3) twice: for the pretrained backbone and for a randomly initialised one of the
-same shape with the same budget, data order and head initialisation.
+same shape with the same budget, data order and head initialisation. (2) and (3) read
+their images from disk a batch at a time (pipelines.common.eval_data.ImageFiles), so memory
+is bounded by the batch and the feature matrices whatever the size of the sets;
+evaluate.retrieval.max_* only shorten quick runs.
 
 Modules: retrieval.py (retrieval heads, contrastive fine-tune, recall@k), probe.py (frozen
 image features for the linear probe); this module runs masked prediction and the whole stage.
@@ -97,8 +100,7 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
 def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_tokenizer_dir: str) -> dict:
     """The evaluation itself (in the Ray task; callable directly too)."""
     from model.text_tokenizer import TextTokenizer
-    from pipelines.common.shards import absolute
-    from pipelines.common.task_files import load_exported_task, random_init_backbone
+    from pipelines.common.task_files import load_exported_task
 
     started = time.time()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -110,14 +112,30 @@ def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
                          f"{text_tokenizer_dir} has {tokenizer.vocab_size}")
     metrics = masked_prediction(task.to(device), cfg, shards_dir, tokenizer.pad_id, device)
     print(f"evaluate: masked prediction {metrics['masked_prediction']} ({time.time() - started:.0f} s)", flush=True)
-    image_size = task.model.config.image_size
+    metrics.update(retrieval_and_probe(cfg, model_dir, tokenizer, device, started))
+    metrics["seconds"] = round(time.time() - started, 1)
+    return metrics
+
+
+def retrieval_and_probe(cfg: EvaluateConfig, model_dir: str, tokenizer, device, started: float | None = None) -> dict:
+    """Retrieval and linear probe of the pretrained and the random-init backbone ->
+    {"retrieval", "probe", "pretraining_gain"}. Images are read from disk batch by batch."""
+    from pipelines.common.shards import absolute
+    from pipelines.common.task_files import (
+        load_exported_task,
+        random_init_backbone,
+        read_task_spec,
+    )
+
+    started = time.time() if started is None else started
+    image_size = read_task_spec(model_dir)["backbone"]["image_size"]
     retrieval_data = _retrieval_data(cfg.retrieval, tokenizer, image_size, absolute)
     probe_data = _probe_data(cfg.probe, image_size, absolute)
     backbones = {
         "pretrained": lambda: load_exported_task(model_dir, drop_path=cfg.retrieval.drop_path).model,
         "random_init": lambda: random_init_backbone(model_dir, cfg.seed, drop_path=cfg.retrieval.drop_path),
     }
-    metrics["retrieval"], metrics["probe"] = {}, {}
+    metrics = {"retrieval": {}, "probe": {}}
     for name, make in backbones.items():
         metrics["probe"][name] = _probe(make().to(device), probe_data, cfg, device)
         print(f"evaluate: {name} probe top-1 {metrics['probe'][name]['top1']} ({time.time() - started:.0f} s)", flush=True)
@@ -132,7 +150,6 @@ def run_evaluation(cfg: EvaluateConfig, model_dir: str, shards_dir: str, text_to
         "retrieval_mean_r1": round(r["pretrained"]["mean_r1"] - r["random_init"]["mean_r1"], 4),
         "probe_top1": round(p["pretrained"]["top1"] - p["random_init"]["top1"], 4),
     }
-    metrics["seconds"] = round(time.time() - started, 1)
     return metrics
 
 
@@ -167,7 +184,8 @@ def masked_prediction(task, cfg: EvaluateConfig, shards_dir: str, pad_id: int, d
 
 
 def _retrieval_data(cfg: RetrievalConfig, tokenizer, image_size: int, absolute) -> dict:
-    from pipelines.common.eval_data import load_images, read_karpathy
+    """{"train", "test"}: RetrievalData with the image files (not their pixels) and tokenized captions."""
+    from pipelines.common.eval_data import ImageFiles, read_karpathy
     from pipelines.evaluate.retrieval import RetrievalData
 
     root = absolute(cfg.image_root) if cfg.image_root else None
@@ -177,21 +195,22 @@ def _retrieval_data(cfg: RetrievalConfig, tokenizer, image_size: int, absolute) 
         split = read_karpathy(absolute(cfg.dataset), root, tuple(splits))
         keep = len(split.image_paths) if limit is None else min(limit, len(split.image_paths))
         captions = [(c, i) for c, i in zip(split.captions, split.caption_image) if i < keep]
-        out[name] = RetrievalData(load_images(split.image_paths[:keep], image_size),
+        out[name] = RetrievalData(ImageFiles(tuple(split.image_paths[:keep]), image_size),
                                   [tokenizer.encode(c, cfg.max_text_len) for c, _ in captions],
                                   torch.tensor([i for _, i in captions], dtype=torch.long))
     return out
 
 
 def _probe_data(cfg: ProbeConfig, image_size: int, absolute) -> dict:
-    from pipelines.common.eval_data import load_images, read_image_folder
+    """classes, and per split (ImageFiles, (N,) labels)."""
+    from pipelines.common.eval_data import ImageFiles, read_image_folder
 
     root = absolute(cfg.root)
     train_paths, train_y, classes = read_image_folder(root, cfg.train_split)
     val_paths, val_y, _ = read_image_folder(root, cfg.val_split, classes)
     return {"classes": classes,
-            "train": (load_images(train_paths, image_size), torch.tensor(train_y)),
-            "val": (load_images(val_paths, image_size), torch.tensor(val_y))}
+            "train": (ImageFiles(tuple(train_paths), image_size), torch.tensor(train_y)),
+            "val": (ImageFiles(tuple(val_paths), image_size), torch.tensor(val_y))}
 
 
 def _probe(backbone, data: dict, cfg: EvaluateConfig, device) -> dict:

@@ -121,3 +121,40 @@ def test_evaluate_runs_as_a_ray_task(tiny_corpus, tiny_model, ray_local):
     local = run_evaluation(eval_config(tiny_corpus, cpus=0.5), tiny_model, tiny_corpus["shards"],
                            tiny_corpus["text_tokenizer"])
     assert metrics["probe"] == local["probe"] and metrics["mlm_acc"] == local["mlm_acc"]
+
+
+def test_recall_in_blocks_matches_the_whole_matrix():
+    from pipelines.evaluate.retrieval import _recall
+
+    gen = torch.Generator().manual_seed(0)
+    sims = torch.randn(37, 53, generator=gen)
+    owner = torch.randint(0, 37, (53,), generator=gen)
+    blocked = _recall(lambda rows: sims[rows], lambda cols: sims[:, cols].t(), 37, owner, block=5)
+    assert blocked == recall_at(sims, owner)
+
+
+def test_evaluation_reads_images_a_batch_at_a_time(tiny_corpus, tiny_model, monkeypatch):
+    """Fine-tune, recall and probe decode only the files of the batch at hand, each once per use."""
+    from model.text_tokenizer import TextTokenizer
+    from pipelines.common import eval_data
+    from pipelines.common.task_files import random_init_backbone
+    from pipelines.evaluate import _probe_data, _retrieval_data
+    from pipelines.evaluate.probe import image_features
+    from pipelines.evaluate.retrieval import evaluate_retrieval
+
+    cfg = eval_config(tiny_corpus)
+    tokenizer = TextTokenizer(tiny_corpus["text_tokenizer"])
+    data = _retrieval_data(cfg.retrieval, tokenizer, 32, os.path.abspath)
+    probe = _probe_data(cfg.probe, 32, os.path.abspath)
+    stacked = eval_data.load_images(probe["train"][0].paths, 32)  # the old all-at-once reference
+    loads, load_images = [], eval_data.load_images
+    monkeypatch.setattr(eval_data, "load_images", lambda paths, size: loads.append(len(paths)) or load_images(paths, size))
+    backbone = random_init_backbone(tiny_model, 0)
+    evaluate_retrieval(backbone, data["train"], data["test"], cfg.retrieval, tokenizer.pad_id, 0, torch.device("cpu"))
+    assert loads == [8] * cfg.retrieval.steps + [24]  # one batch per step, then the 24 test images
+    loads.clear()
+    feats = image_features(backbone, probe["train"][0], "mean", torch.device("cpu"), chunk=10)
+    assert loads == [10, 10, 10, 6] and feats.shape == (36, backbone.config.dim)
+    with torch.no_grad():
+        expected = backbone.encode(image=stacked)[:, 1:].mean(1)
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)
