@@ -1,6 +1,6 @@
 """Cluster mode: the data stages on a real multi-node Ray cluster give the single-node bytes.
 
-A head and a worker node (two raylets, two object stores) run on this machine over
+A head and two worker nodes (three raylets, three object stores) run on this machine over
 loopback; the driver joins them with RayConfig(address=...) as a Ray Job would.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def relative_files(root: str) -> dict[str, str]:
 def test_clean_tokenize_pack_on_a_cluster_match_single_node(tmp_path):
     demo = str(tmp_path / "demo")
     generate_demo_data(DemoDataConfig(out_dir=demo, **TINY_DEMO))
-    with ray_cluster(worker_nodes=1, cpus_per_node=2) as starting:
+    with ray_cluster(worker_nodes=2, cpus_per_node=2) as starting:
         # the single-node reference runs while the cluster's nodes start (in their own RAY_TMPDIR)
         single = drive(tmp_path, "single", {"demo": demo, "address": None, "dashboard": None, "tokenizers": None})
         cluster = starting.ready()
@@ -48,9 +48,9 @@ def test_clean_tokenize_pack_on_a_cluster_match_single_node(tmp_path):
     print("\nsingle-node seconds:", single["seconds"], "\nmulti-node seconds:", multi["seconds"],
           "\ntasks per node:", multi["tasks_per_node"])
 
-    assert single["nodes"] == 1 and multi["nodes"] == 2
-    # the work really spread: both nodes ran tasks of the driver's job
-    assert len(multi["tasks_per_node"]) == 2, multi["tasks_per_node"]
+    assert single["nodes"] == 1 and multi["nodes"] == 3
+    # the work really spread: several nodes ran tasks of the driver's job
+    assert len(multi["tasks_per_node"]) >= 2, multi["tasks_per_node"]
     for stage in ("clean", "tokenized", "shards"):
         a, b = relative_files(single["dirs"][stage]), relative_files(multi["dirs"][stage])
         assert a and a == b, f"{stage}: cluster output differs from the single-node output"
