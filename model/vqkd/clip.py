@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.vqkd import load_strict
+from model.vqkd.vit import fused_attention
 
 CLIP_LN_EPS = 1e-5  # CLIP uses torch's default LayerNorm eps
 
@@ -39,11 +39,7 @@ class ClipAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        B, T, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, T, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return fused_attention(x, self.in_proj_weight, self.in_proj_bias, self.heads, self.out_proj)
 
 
 class ClipMlp(nn.Module):

@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fused_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int,
+                    out: nn.Module) -> torch.Tensor:
+    """(B, T, D) through one fused q/k/v projection, SDPA over ``heads``, then ``out``."""
+    B, T, D = x.shape
+    qkv = F.linear(x, weight, bias).reshape(B, T, 3, heads, D // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+    return out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+
 class Attention(nn.Module):
     """Fused qkv weight, separate q/v biases (no k bias), scale head_dim ** -0.5."""
 
@@ -25,12 +33,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        B, T, D = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, T, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return fused_attention(x, self.qkv.weight, bias, self.heads, self.proj)
 
 
 class Mlp(nn.Module):
