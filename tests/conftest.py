@@ -61,14 +61,36 @@ def tiny_template(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_repro(tiny_template, tmp_path_factory):
+def second_data_run(tiny_template, tmp_path_factory):
+    """A second clean `dvc repro pack` (the data stages) in a fresh copy of the TINY demo, for
+    the determinism test. `tiny_repro` starts it as soon as it is past the stages whose
+    durations size the kill tests' random kill times (tests/reliability/test_stage_kills.py),
+    so it overlaps the rest of that run instead of running alone; ``wait()`` starts it if
+    nothing did."""
+    from tests.project import BackgroundRepro, clone
+
+    run = BackgroundRepro(clone(tiny_template, str(tmp_path_factory.mktemp("demo") / "second")), "pack")
+    yield run
+    run.stop()
+
+
+def _second_data_run_starter(request):
+    """`second_data_run`'s start if a selected test uses that fixture, else a no-op."""
+    if not any("second_data_run" in item.fixturenames for item in request.session.items):
+        return lambda: None
+    return request.getfixturevalue("second_data_run").start
+
+
+@pytest.fixture(scope="session")
+def tiny_repro(request, tiny_template, tmp_path_factory):
     """One real `dvc repro` of every stage on the TINY demo, shared by the end-to-end and the
     reliability tests (each of its stages pays for Python imports and a Ray start-up, so it
     runs once a session). Read its outputs; clone the root to change anything."""
     from tests.project import DemoRun, clone, git_commit, read_lock, repro_timed
 
     root = clone(tiny_template, str(tmp_path_factory.mktemp("demo") / "run"))
-    durations = repro_timed(root)
+    # tokenize: the first stage after those the kill tests time (test_stage_kills.OUT_DIR)
+    durations = repro_timed(root, on_stage={"tokenize": _second_data_run_starter(request)})
     git_commit(root, "first run")
     print(f"tiny demo `dvc repro` stage times (s): {durations}")
     return DemoRun(root, durations, read_lock(root))

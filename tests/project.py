@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import yaml
@@ -135,16 +137,21 @@ def read_lock(root: str) -> dict:
         return yaml.safe_load(f)
 
 
-def repro_timed(root: str, *targets: str, timeout: float = 1500) -> dict[str, float]:
+def repro_timed(root: str, *targets: str, timeout: float = 1500,
+                on_stage: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
     """`dvc repro [targets]` in ``root``; returns the stages it ran, in order, with each one's
-    wall time (from when DVC announced it to when it announced the next one)."""
+    wall time (from when DVC announced it to when it announced the next one). ``on_stage``
+    maps a stage name to a call made as soon as DVC announces that stage."""
     proc = subprocess.Popen(["dvc", "repro", *targets], cwd=root, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=project_env({"PYTHONUNBUFFERED": "1"}))
     starts, lines, deadline = [], [], time.time() + timeout
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("Running stage '"):
-            starts.append((line.split("'")[1], time.time()))
+            stage = line.split("'")[1]
+            starts.append((stage, time.time()))
+            if on_stage and stage in on_stage:
+                on_stage[stage]()
         if time.time() > deadline:
             proc.kill()
             break
@@ -152,6 +159,37 @@ def repro_timed(root: str, *targets: str, timeout: float = 1500) -> dict[str, fl
     assert rc == 0, f"dvc repro {' '.join(targets)} failed ({rc}):\n{''.join(lines)[-6000:]}"
     ends = [t for _, t in starts[1:]] + [time.time()]
     return {name: round(end - start, 1) for (name, start), end in zip(starts, ends)}
+
+
+class BackgroundRepro:
+    """`dvc repro [targets]` in ``root``, started on demand without waiting for it, in a
+    session of its own (so it can be ended with every Ray process its stages started)."""
+
+    def __init__(self, root: str, *targets: str):
+        self.root, self.targets, self.proc = root, targets, None
+        self.log = root + ".repro.log"  # beside the project: the run's output is no part of it
+
+    def start(self) -> None:
+        if self.proc is None:
+            with open(self.log, "w") as log:
+                self.proc = subprocess.Popen(["dvc", "repro", *self.targets], cwd=self.root, env=project_env(),
+                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 1500) -> list[str]:
+        """Start it unless started, wait for it; returns the stages it ran (fails if it failed)."""
+        self.start()
+        rc = self.proc.wait(timeout=timeout)
+        with open(self.log) as f:
+            output = f.read()
+        assert rc == 0, f"dvc repro {' '.join(self.targets)} failed ({rc}):\n{output[-6000:]}"
+        return stages_run(output)
+
+    def stop(self) -> None:
+        """End it if it still runs (a session that never waited for it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            from tests.reliability.processes import kill  # it imports this module
+
+            kill(self.proc, signal.SIGKILL)
 
 
 @dataclass(frozen=True)

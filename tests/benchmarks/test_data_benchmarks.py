@@ -107,9 +107,12 @@ def test_pack_benchmark_tiny(ray_local, tmp_path, capsys):
 @pytest.mark.slow
 def test_growth_tiny(tmp_path, capsys):
     """Stages run as their own processes (own Ray each), so this needs no ray_local. Two
-    scales (six stage runs) keep it short; the three-scale line fit is tested above."""
+    scales (six stage runs) keep it short; the three-scale line fit is tested above. Sampling
+    once a second still catches every Ray process of a run (each lives for seconds) and
+    leaves the CPU to the runs: reading PSS scans every process's page tables."""
     result = growth.main(["--scales", "1,2", "--pairs", "8", "--images", "4", "--docs", "20",
-                          "--text-rows", "100", "--vocab-size", "120", "--tmp", str(tmp_path)])
+                          "--text-rows", "100", "--vocab-size", "120", "--interval", "1.0",
+                          "--tmp", str(tmp_path)])
     out = capsys.readouterr().out
     assert "peak memory" in out and "time x2 / x1" in out
     assert result["corpus"][2]["pairs"] == 16 and result["corpus"][2]["images"] == 8

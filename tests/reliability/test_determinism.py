@@ -1,10 +1,11 @@
 """Two clean runs of the demo's data stages (the session's `dvc repro` and a `dvc repro pack`
-in a second fresh project copy) record identical hashes in dvc.lock for every data output."""
+in a second fresh project copy, `second_data_run`, which runs alongside other work) record
+identical hashes in dvc.lock for every data output."""
 from __future__ import annotations
 
 import pytest
 
-from tests.project import DATA_STAGES, clone, read_lock, repro_timed
+from tests.project import DATA_STAGES, read_lock
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +18,9 @@ def data_outs(lock: dict) -> dict[str, dict]:
             for stage in DATA_STAGES}
 
 
-def test_two_clean_runs_give_identical_dvc_lock_hashes(tiny_template, tiny_repro, tmp_path):
-    root = clone(tiny_template, str(tmp_path / "second"))
-    assert list(repro_timed(root, "pack")) == DATA_STAGES
-    first, second = data_outs(tiny_repro.lock), data_outs(read_lock(root))
+def test_two_clean_runs_give_identical_dvc_lock_hashes(tiny_repro, second_data_run):
+    assert second_data_run.wait() == DATA_STAGES
+    first, second = data_outs(tiny_repro.lock), data_outs(read_lock(second_data_run.root))
     for stage in DATA_STAGES:
         assert first[stage], f"{stage}: no data output in dvc.lock"
         assert second[stage] == first[stage], f"{stage}: outputs differ between two clean runs"
