@@ -16,37 +16,23 @@ import psutil
 
 from tests.project import project_env
 
-# Runs a stage, pausing it for ever right after the driver's N-th storage.write_bytes
-# (every file a stage writes goes through it), and counting the writes in a marker file:
-# the kill then lands at an exact point of the output phase. argv: stage, N, marker.
-PAUSE_AFTER_WRITE = """
-import runpy, sys, time
-from pipelines.common import storage
-stage, pause_after, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-real_write_bytes, count = storage.write_bytes, 0
-def write_bytes(path, data):
-    global count
-    real_write_bytes(path, data)
-    count += 1
-    with open(marker, "w") as f:
-        f.write(str(count))
-    if count == pause_after:
-        time.sleep(3600)
-storage.write_bytes = write_bytes
-runpy.run_module("stages." + stage, run_name="__main__", alter_sys=True)
-"""
+# Pauses a stage for ever right after its N-th storage.write_bytes, counted over the
+# driver and its Ray workers (pause_hook/sitecustomize.py), the count kept in a marker file:
+# the kill then lands at an exact point of the output phase.
+PAUSE_HOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pause_hook")
 
 
 def start_stage(project: str, stage: str, log_path: str, pause_after_write: int | None = None,
                 marker: str | None = None) -> subprocess.Popen:
-    """``python -m stages.<stage>`` (or the pausing wrapper) in a new session."""
-    if pause_after_write is None:
-        args = [sys.executable, "-m", f"stages.{stage}"]
-    else:
-        args = [sys.executable, "-c", PAUSE_AFTER_WRITE, stage, str(pause_after_write), marker]
+    """``python -m stages.<stage>`` in a new session, paused after its ``pause_after_write``-th
+    file write when given."""
+    env = project_env()
+    if pause_after_write is not None:
+        env["PYTHONPATH"] = os.pathsep.join([PAUSE_HOOK, project, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["RELIABILITY_PAUSE_AFTER_WRITE"] = f"{pause_after_write}:{marker}"
     with open(log_path, "ab") as log:
-        return subprocess.Popen(args, cwd=project, env=project_env(), start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env,
+                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 def session_processes(sid: int) -> list[psutil.Process]:

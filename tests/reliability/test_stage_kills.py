@@ -35,6 +35,7 @@ from tests.reliability.conftest import project_with_inputs
 from tests.reliability.processes import kill, log_tail, start_stage, wait_for
 
 SEED = int(os.environ.get("RELIABILITY_KILL_SEED", random.SystemRandom().randrange(2**31)))
+# tiny_repro times these stages with nothing beside them; it starts other work from tokenize on
 OUT_DIR = {"demo_data": "data/demo", "clean": "data/clean",
            "text_tokenizer": "data/text_tokenizer", "visual_tokenizer": "data/visual_tokenizer"}
 # what each stage reads (visual_tokenizer: the cleaned images and the demo's probe ImageFolder)
