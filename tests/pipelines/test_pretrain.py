@@ -428,13 +428,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny_corpus, tmp_
     """pretrain.max_failures: Ray Train replaces a SIGKILLed worker and resumes from the last
     checkpoint by itself; the finished run's curve is the uninterrupted run's (the same loop
     run in this process, one thread like the Ray worker)."""
-    overrides = {"steps": 60, "checkpoint_every": 4, "max_failures": 2}  # long enough to be hit mid-run
+    # long enough that Ray Train's commit of an early checkpoint is seen well before the end
+    overrides = {"steps": 240, "checkpoint_every": 8, "max_failures": 2}
     cfg = build(PretrainConfig, tiny_pretrain_params(str(tmp_path / "killed"), **overrides), "pretrain")
-    killer = _kill_a_train_worker_after(cfg.checkpoint_dir, step=4)
+    killer = _kill_a_train_worker_after(cfg.checkpoint_dir, step=8)
     summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
     killer["thread"].join()
     assert killer.get("pid"), "no train worker was killed"
-    assert summary["steps"] == 60 and 4 <= summary["resumed_from_step"] < 60
+    assert summary["steps"] == 240 and 8 <= summary["resumed_from_step"] < 240
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
