@@ -68,17 +68,17 @@ def load_dcp_metadata(path):
 def safe_dcp_reader(path: str):
     """A torch.distributed.checkpoint FileSystemReader for ``path`` whose metadata is read
     by :func:`load_dcp_metadata` (tensor data is read with ``weights_only`` by torch). The
-    metadata is checked here first, so a refusal is raised as is, not wrapped by DCP."""
+    metadata is read here, once, so a refusal is raised as is, not wrapped by DCP."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    load_dcp_metadata(os.path.join(path, ".metadata"))
+    checked = load_dcp_metadata(os.path.join(path, ".metadata"))
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             rank = kwargs.get("rank")
-            name = ".metadata" if rank is None else f"__{rank}.metadata"
-            metadata = load_dcp_metadata(os.path.join(str(self.path), name))
+            metadata = checked if rank is None else load_dcp_metadata(
+                os.path.join(str(self.path), f"__{rank}.metadata"))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
