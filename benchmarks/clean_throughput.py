@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from benchmarks.common import print_table
-from benchmarks.data_common import TreeMonitor, load_note, scene_images
+from benchmarks.data_common import TreeMonitor, load_note, ratio, scene_images
 from pipelines.clean import CleanConfig, clean_sources
 from pipelines.clean.image_filters import IMAGE_STEPS, PNG_STRATEGY
 from pipelines.clean.rejects import Reject, run_steps
@@ -253,12 +253,12 @@ def main(argv=None) -> dict:
 def summarize(case: dict, runs: dict) -> dict:
     med = lambda run, key: statistics.median(r[key] for r in runs[run])  # noqa: E731
     n = case["n"]
-    bare = n / med("bare", "cpu_s")
-    stage = n / med("stage", "cpu_work_s")
+    bare = ratio(n, med("bare", "cpu_s"))
+    stage = ratio(n, med("stage", "cpu_work_s"))
     cold = runs["cold"][0]
     out = {"unit": case["unit"], "n": n, "size": case["size"], "kept": runs["stage"][0]["kept"],
            "bare_per_cpu_s": bare, "stage_per_cpu_s": stage, "cold_per_cpu_s": n / cold["cpu_work_s"],
-           "stage_per_tree_cpu_s": n / med("stage", "cpu_tree_s"),
+           "stage_per_tree_cpu_s": ratio(n, med("stage", "cpu_tree_s")),
            "cold_extra_cpu_s": cold["cpu_work_s"] - med("stage", "cpu_work_s"),
            "cold_workers": cold["workers"], "warm_workers": max(r["workers"] for r in runs["stage"]),
            "ratio_per_core_cpu": stage / bare, "ratio_per_core_cold": n / cold["cpu_work_s"] / bare,
@@ -268,7 +268,7 @@ def summarize(case: dict, runs: dict) -> dict:
            "runs": runs}
     for extra in ("decode_only", "bare_keep", "steps_loop"):
         if extra in runs:
-            out[f"{extra}_per_cpu_s"] = n / med(extra, "cpu_s")
+            out[f"{extra}_per_cpu_s"] = ratio(n, med(extra, "cpu_s"))
     if "steps_loop" in runs:
         out["ratio_vs_steps_loop"] = stage / out["steps_loop_per_cpu_s"]
     return out

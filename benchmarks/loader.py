@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import print_table
-from benchmarks.data_common import load_note
+from benchmarks.data_common import load_note, ratio
 from model.task import Masker, MaskingConfig
 from pipelines.common import storage
 from pipelines.common.schema import MODALITIES, shard_table
@@ -192,7 +192,7 @@ def measure(source: StepSource, kind: str, k: int, warmup: int, steps: int) -> d
     finally:
         loader.close()
     return {"samples": samples, "wall_s": wall, "cpu_s": cpu, "samples_per_s": samples / wall,
-            "samples_per_cpu_s": samples / cpu}
+            "samples_per_cpu_s": ratio(samples, cpu)}
 
 
 def loaders(workers: list[int], threads: bool) -> list[tuple[str, int]]:

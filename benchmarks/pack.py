@@ -182,7 +182,7 @@ def report(args, table: pa.Table, shards: int, runs: dict, loads: list[float]) -
                         ("cold", "pack_shards, cold (1st run)"), ("write_only", "write only (one pq.write_table)")):
         wall, cpu = med(name, "wall_s"), med(name, "cpu_s")
         rows.append([label, f"{mb / wall:.1f}", f"{med('bare', 'wall_s') / wall:.2f}x", f"{wall:.2f}",
-                     f"{mb / cpu:.1f}"])
+                     f"{ratio(mb, cpu):.1f}"])
     print_table(["run", "MB/s", "vs bare", "wall s", "MB/CPU-s"], rows)
     print(f"ratio pack / bare: {result['ratio']:.2f}x (medians), {paired:.2f}x (median of paired rounds), "
           f"CPU {result['ratio_cpu']:.2f}x (target >= 0.7x); vs write only {result['ratio_vs_write_only']:.2f}x")

@@ -201,13 +201,13 @@ def main(argv=None) -> dict:
 def report(args, runs: dict, loads: list[float]) -> dict:
     med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
     n = runs["bare"][0]["images"]
-    bare = n / med("bare", "cpu_s")
-    per_cpu = {name: n / med(name, "cpu_work_s") for name in ("stage_x1", "stage_x2")}
+    bare = ratio(n, med("bare", "cpu_s"))
+    per_cpu = {name: ratio(n, med(name, "cpu_work_s")) for name in ("stage_x1", "stage_x2")}
     # marginal: (N - n_small) images for the CPU time above the fixed-cost run, paired per round
     marginal = {}
     for k in (1, 2):
         big, small = runs[f"stage_x{k}"], runs[f"small_x{k}"]
-        marginal[k] = statistics.median((b["images"] - s["images"]) / (b["cpu_work_s"] - s["cpu_work_s"])
+        marginal[k] = statistics.median(ratio(b["images"] - s["images"], b["cpu_work_s"] - s["cpu_work_s"])
                                         for b, s in zip(big, small))
     pairs = list(zip(runs["stage_x1"], runs["stage_x2"], runs["small_x1"], runs["small_x2"]))
     speedup = statistics.median(a["wall_s"] / b["wall_s"] for a, b, _, _ in pairs)
@@ -221,14 +221,14 @@ def report(args, runs: dict, loads: list[float]) -> dict:
         "images": n, "parts": args.parts, "image_size": args.image_size, "preset": args.preset,
         "png_level": args.png_level, "rounds": args.rounds, "cores": os.cpu_count(),
         "load_avg": round(statistics.mean(loads), 1),
-        "bare_images_per_cpu_s": bare, "bare_png_images_per_cpu_s": n / med("bare_png", "cpu_s"),
+        "bare_images_per_cpu_s": bare, "bare_png_images_per_cpu_s": ratio(n, med("bare_png", "cpu_s")),
         "bare_images_per_s": n / med("bare", "wall_s"),
         "stage_x1_images_per_cpu_s": per_cpu["stage_x1"], "stage_x2_images_per_cpu_s": per_cpu["stage_x2"],
-        "stage_x2_images_per_tree_cpu_s": n / med("stage_x2", "cpu_tree_s"),
+        "stage_x2_images_per_tree_cpu_s": ratio(n, med("stage_x2", "cpu_tree_s")),
         "marginal_x1_images_per_cpu_s": marginal[1], "marginal_x2_images_per_cpu_s": marginal[2],
         "fixed_cpu_s_x1": med("small_x1", "cpu_work_s"), "fixed_cpu_s_x2": med("small_x2", "cpu_work_s"),
         "ratio_per_core_cpu": per_cpu["stage_x2"] / bare, "ratio_per_core_marginal": marginal[2] / bare,
-        "ratio_marginal_vs_bare_png": marginal[2] / (n / med("bare_png", "cpu_s")),
+        "ratio_marginal_vs_bare_png": marginal[2] / (ratio(n, med("bare_png", "cpu_s"))),
         "speedup_1_to_2_wall": speedup, "speedup_1_to_2_wall_steady": steady,
         "speedup_1_to_2_cpu_path": cpu_path, "speedup_1_to_2_cpu_path_marginal": cpu_path_marginal,
         "cpu_s_by_role_x2": {k: round(statistics.median(r["cpu_s"][k] for r in runs["stage_x2"]), 2)

@@ -399,23 +399,43 @@ def test_the_training_log_grows_while_the_run_trains(tiny_corpus, tmp_path):
 
 def _kill_a_train_worker_after(checkpoint_dir: str, step: int, timeout: float = 300.0) -> dict:
     """In a thread: once Ray Train has committed the checkpoint of ``step``, SIGKILL one Ray
-    Train worker process; the returned dict gets its pid."""
+    Train worker process; the returned dict gets its pid, or what the watcher last saw. Set
+    ``killed["stop"]`` to end the watch."""
     import threading
 
     import psutil
 
-    killed = {}
+    killed = {"stop": threading.Event(), "seen": {}}
+
+    def train_workers() -> list[int]:
+        pids = []
+        # this session's Ray runs under this process: never touch another run's workers
+        for proc in psutil.Process().children(recursive=True):
+            try:  # a short-lived child may be gone (or a zombie) between listing and reading
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    pids.append(proc.pid)
+            except psutil.Error:
+                continue
+        return pids
 
     def watch():
+        try:
+            watch_until_killed()
+        except Exception as error:  # shown by the test's assertion, not lost in the thread
+            killed["seen"]["error"] = repr(error)
+
+    def watch_until_killed():
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            if _committed_in(checkpoint_dir) >= step:
-                # this session's Ray runs under this process: never touch another run's workers
-                for proc in psutil.Process().children(recursive=True):
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed["pid"] = proc.pid
-                        return
+        while time.time() < deadline and not killed["stop"].is_set():
+            committed = _committed_in(checkpoint_dir)
+            killed["seen"] = {"committed_step": committed}
+            if committed >= step:
+                workers = train_workers()
+                killed["seen"]["workers"] = workers
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed["pid"] = workers[0]
+                    return
             time.sleep(0.02)
 
     killed["thread"] = threading.Thread(target=watch, daemon=True)
@@ -433,8 +453,9 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny_corpus, tmp_
     cfg = build(PretrainConfig, tiny_pretrain_params(str(tmp_path / "killed"), **overrides), "pretrain")
     killer = _kill_a_train_worker_after(cfg.checkpoint_dir, step=8)
     summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
+    killer["stop"].set()
     killer["thread"].join()
-    assert killer.get("pid"), "no train worker was killed"
+    assert killer.get("pid"), f"no train worker was killed; the watcher last saw {killer['seen']}"
     assert summary["steps"] == 240 and 8 <= summary["resumed_from_step"] < 240
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
