@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-import yaml
 
 from model.safe_load import UnsafeCheckpointError
 from pipelines.common.configs import ParamsError, build
@@ -28,7 +24,7 @@ from tests.pipelines.pretrain_fixtures import (  # noqa: F401  (tiny_corpus is a
     tiny_pretrain_params,
     train_in_process,
 )
-from tests.project import PROJECT_ROOT, project_env
+from tests.reliability.processes import committed_step
 
 LOSS_KEYS = ("loss", "loss_text_mlm", "loss_image_mim", "loss_pair_mlm", "loss_pair_mim")
 
@@ -213,127 +209,6 @@ def test_two_workers_train_like_one(tiny_corpus, tmp_path, ray_local):
     assert one[-1, 1] < one[0, 1]
 
 
-def _stage(project: str, **popen) -> subprocess.Popen:
-    env = project_env({"PYTHONPATH": PROJECT_ROOT})
-    return subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=project, env=env,
-                            stdout=open(os.path.join(project, "stage.log"), "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True, **popen)
-
-
-def _project(root, corpus: dict, name: str) -> str:
-    """A folder with the project's params.yaml, pointed at the tiny corpus."""
-    project = str(root / name)
-    os.makedirs(project)
-    with open(os.path.join(PROJECT_ROOT, "params.yaml")) as f:
-        params = yaml.safe_load(f)
-    params["pretrain"].update(tiny_pretrain_params(project, steps=60, checkpoint_every=10, log_every=10,
-                                                   log_samples=True))
-    params["pack"]["out_dir"] = corpus["shards"]
-    params["text_tokenizer"]["out_dir"] = corpus["text_tokenizer"]
-    params["ray"]["num_cpus"] = 4
-    with open(os.path.join(project, "params.yaml"), "w") as f:
-        yaml.safe_dump(params, f, sort_keys=False)
-    return project
-
-
-def _committed_step(project: str) -> int:
-    """The step of the run's latest checkpoint that Ray Train has committed (0 if none)."""
-    return _committed_in(os.path.join(project, "checkpoints"))
-
-
-def _committed_in(base: str) -> int:
-    """The latest committed checkpoint's step of the run(s) under a checkpoint_dir (0 if none)."""
-    for run in os.listdir(base) if os.path.isdir(base) else []:
-        try:
-            with open(os.path.join(base, run, "checkpoint_manager_snapshot.json")) as f:
-                latest = json.load(f).get("latest_checkpoint_result")
-        except (OSError, ValueError):  # not written yet, or being replaced
-            continue
-        if latest:
-            return int(latest["metrics"]["step"])
-    return 0
-
-
-def _finish(proc: subprocess.Popen, timeout: int = 600) -> None:
-    try:
-        assert proc.wait(timeout=timeout) == 0, "stage failed, see stage.log"
-    finally:
-        _kill_session(proc.pid)
-
-
-def _session(sid: int) -> list[int]:
-    """Processes of the session our stage leads (it was started with start_new_session)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.getsid(int(name)) == sid:
-                    pids.append(int(name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _kill_session(sid: int) -> None:
-    """End what is left of our stage (Ray leaks its agents when the driver is killed)."""
-    for pid in _session(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-@pytest.mark.slow
-def test_sigkill_of_the_stage_resumes_from_the_last_checkpoint(tiny_corpus, tmp_path, request):
-    # The uninterrupted reference run goes alongside the one to kill (own Ray each): much of
-    # a stage's wall time is Ray starting and waiting, so the two overlap on 2 cores.
-    reference = _stage(_project(tmp_path, tiny_corpus, "clean"))
-    request.addfinalizer(lambda: _kill_session(reference.pid))  # also when an assert fails early
-    killed = _project(tmp_path, tiny_corpus, "killed")
-    proc = _stage(killed)
-    deadline = time.time() + 600
-    while _committed_step(killed) < 20:
-        assert proc.poll() is None, "the stage ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)  # the stage's own process: the driver
-    proc.wait()
-    # Ray's train workers outlive their driver by a few seconds (until they notice the raylet
-    # is gone) and may commit one more checkpoint meanwhile: let them go before looking.
-    deadline = time.time() + 120
-    while any("Train" in _comm(pid) for pid in _session(proc.pid)) and time.time() < deadline:
-        time.sleep(0.5)
-    _kill_session(proc.pid)
-    interrupted_at = _committed_step(killed)
-    assert 20 <= interrupted_at < 60
-    assert not os.path.exists(os.path.join(killed, "model"))  # no export from a killed run
-
-    _finish(_stage(killed))
-    _finish(reference)
-    with open(os.path.join(killed, "metrics", "pretrain.json")) as f:
-        summary = json.load(f)
-    assert summary["steps"] == 60
-    assert summary["resumed_from_step"] == interrupted_at  # the last checkpoint, not step 0
-    with open(os.path.join(killed, "stage.log")) as f:
-        assert f"resumed run {summary['run_name']} at step {summary['resumed_from_step']}" in f.read()
-    samples = {}
-    for name in ("clean", "killed"):
-        with open(os.path.join(tmp_path, name, "model", "samples.jsonl")) as f:
-            samples[name] = [json.loads(line) for line in f]
-    assert [s["step"] for s in samples["killed"]] == list(range(1, 61))
-    assert samples["killed"] == samples["clean"]  # nothing seen twice, nothing skipped
-    curves = [torch.tensor(curve(read_csv(os.path.join(tmp_path, n, "plots", "pretrain.csv")))) for n in ("clean", "killed")]
-    assert torch.allclose(curves[0], curves[1], rtol=1e-5)
-
-
 def same_samples(a: list[dict], b: list[dict]) -> bool:
     """The same sample ids at every step (workers list a step's ids rank by rank)."""
     return [(s["step"], sorted(s["ids"])) for s in a] == [(s["step"], sorted(s["ids"])) for s in b]
@@ -427,7 +302,7 @@ def _kill_a_train_worker_after(checkpoint_dir: str, step: int, timeout: float = 
     def watch_until_killed():
         deadline = time.time() + timeout
         while time.time() < deadline and not killed["stop"].is_set():
-            committed = _committed_in(checkpoint_dir)
+            committed = committed_step(checkpoint_dir)
             killed["seen"] = {"committed_step": committed}
             if committed >= step:
                 workers = train_workers()
@@ -436,7 +311,7 @@ def _kill_a_train_worker_after(checkpoint_dir: str, step: int, timeout: float = 
                     os.kill(workers[0], signal.SIGKILL)
                     killed["pid"] = workers[0]
                     return
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     killed["thread"] = threading.Thread(target=watch, daemon=True)
     killed["thread"].start()

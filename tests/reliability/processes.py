@@ -14,6 +14,7 @@ import time
 
 import psutil
 
+from pipelines.common import storage
 from tests.project import project_env
 
 # Pauses a stage for ever right after its N-th storage.write_bytes, counted over the
@@ -101,3 +102,17 @@ def log_tail(path: str, chars: int = 4000) -> str:
             return f.read()[-chars:]
     except OSError:
         return ""
+
+
+def committed_step(checkpoint_dir: str) -> int:
+    """The latest checkpoint step Ray Train committed under a checkpoint_dir, local or
+    s3:// (0: none yet): what its checkpoint_manager_snapshot.json names."""
+    snapshots = [p for p in storage.list_files(checkpoint_dir) if p.endswith("checkpoint_manager_snapshot.json")]
+    for path in snapshots:
+        try:
+            latest = storage.read_json(path).get("latest_checkpoint_result")
+        except (OSError, ValueError):  # not written yet, or being replaced
+            continue
+        if latest:
+            return int(latest["metrics"]["step"])
+    return 0

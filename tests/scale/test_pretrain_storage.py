@@ -1,6 +1,8 @@
 """Pretraining with its checkpoints on object storage: `pretrain.checkpoint_dir: s3://...`
-through `dvc repro`, fresh, killed, and resumed from the checkpoints on the loopback S3
-server (the `s3_env` fixture), in a clone of the session's tiny `dvc repro`."""
+through `dvc repro`, fresh, SIGKILLed, and resumed from the checkpoints on the loopback S3
+server (the `s3_env` fixture), in a clone of the session's tiny `dvc repro`. This is also the
+test of a killed pretrain stage's rerun (local checkpoints resume through the same code: the
+exact-resume tests in tests/pipelines/test_pretrain.py)."""
 from __future__ import annotations
 
 import json
@@ -13,22 +15,9 @@ import pytest
 
 from pipelines.common import storage
 from tests.project import clone, git_commit, project_env, stages_run, update_params
-from tests.reliability.processes import kill, log_tail, wait_for
+from tests.reliability.processes import committed_step, kill, log_tail, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def committed_step(checkpoint_dir: str) -> int:
-    """The latest checkpoint step Ray Train committed under an s3:// checkpoint_dir (0: none)."""
-    snapshots = [p for p in storage.list_files(checkpoint_dir) if p.endswith("checkpoint_manager_snapshot.json")]
-    for path in snapshots:
-        try:
-            latest = storage.read_json(path).get("latest_checkpoint_result")
-        except (OSError, ValueError):  # being replaced
-            continue
-        if latest:
-            return int(latest["metrics"]["step"])
-    return 0
 
 
 def repro(project: str, log: str) -> subprocess.Popen:
@@ -41,7 +30,7 @@ def test_checkpoints_on_s3_survive_a_kill_and_the_rerun_resumes(s3_env, tiny_rep
     project = clone(tiny_repro.root, str(tmp_path / "project"))
     checkpoints = f"s3://beit3/run-{uuid.uuid4().hex[:8]}/checkpoints"
     update_params(project, {"pretrain": {"checkpoint_dir": checkpoints, "steps": 30, "checkpoint_every": 3,
-                                         "keep_checkpoints": 2}})
+                                         "keep_checkpoints": 2, "log_samples": True}})
     git_commit(project, "checkpoints on s3")
     log = str(tmp_path / "repro.log")
 
@@ -62,6 +51,9 @@ def test_checkpoints_on_s3_survive_a_kill_and_the_rerun_resumes(s3_env, tiny_rep
     shards = [p for p in storage.list_files(checkpoints) if p.endswith(".distcp")]  # DCP: every rank's shard
     assert shards and all(storage.exists(storage.join(p.rsplit("/", 1)[0], ".metadata")) for p in shards)
     assert os.path.isfile(os.path.join(project, "models", "pretrain", "model.safetensors"))
+    with open(os.path.join(project, "models", "pretrain", "samples.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(1, 31))  # the killed run's steps from the checkpoint, no step twice or skipped
     status = subprocess.run(["dvc", "status", "pretrain"], cwd=project, env=project_env(), capture_output=True,
                             text=True, check=True).stdout
     assert stages_run(status) == [] and "changed" not in status
