@@ -37,6 +37,10 @@ share one key and make one range larger). The driver holds O(parts + shards) sta
 Cost: every gather opens every scatter file (one footer + the row groups it needs), so a
 corpus with far more parts x shards than rows is better packed from fewer, larger parts.
 
+Views: parts written with ``tokenize.views_per_image`` K > 1 carry the view columns
+(pipelines.common.schema) into the shards unchanged; every part must have the same K, and
+the manifest records ``views_per_image`` and ``view_layout`` (both absent for K = 1).
+
 Same inputs + params -> same layout, scatter files and ranks -> byte-identical shards and
 manifest, whatever the number of tasks in flight. Resume: each finished shard is
 recorded (path, rows, bytes, sha256) in ``manifest.partial.json`` with a fingerprint of
@@ -70,7 +74,7 @@ from pipelines.common.ray_session import (
     spread_task,
 )
 from pipelines.common.remote_outputs import StageOutput
-from pipelines.common.schema import MODALITIES, SHARD_SCHEMA, TOKENIZERS, check_schema
+from pipelines.common.schema import MODALITIES, TOKENIZERS, VIEW_LAYOUT, check_schema, shard_schema, views_of
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
@@ -106,6 +110,7 @@ class Inputs:
     ranges: tuple[int, int]      # key ranges of train, val (multiples of RANGES_PER_SHARD)
     fingerprint: str             # parts' identities + tokenizers + params
     scatter_dir: str             # this layout's scatter files
+    views_per_image: int         # K of every part (tokenize.views_per_image; schema.shard_schema)
 
 
 @dataclass(frozen=True)
@@ -154,19 +159,24 @@ def plan_inputs(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Inputs:
     """Footers only: row counts, the fingerprint and the key-range layout (see the docstring)."""
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # object stores answer footers slowly
         infos = list(pool.map(_part_info, parts))
-    rows = sum(n for n, _ in infos)
+    views = {k: path for path, (_, _, k) in zip(parts, infos)}
+    if len(views) > 1:
+        raise ValueError(f"tokenized parts with different views_per_image: {views} (K: an example part); "
+                         "rerun tokenize so that every part has the same K")
+    rows = sum(n for n, _, _ in infos)
     fp = hashlib.sha256(json.dumps([cfg.content_params(), tokenizers], sort_keys=True).encode())
-    for identity in (i for _, i in infos):
+    for identity in (i for _, i, _ in infos):
         fp.update(identity.encode())
     estimates = (rows * (1.0 - cfg.val_fraction), rows * cfg.val_fraction)
     ranges = tuple(RANGES_PER_SHARD * max(1, min(-(-int(e) // cfg.shard_rows), 2**24)) for e in estimates)
     layout = hashlib.sha256(f"{fp.hexdigest()}\0{ranges}".encode()).hexdigest()[:16]
     return Inputs(parts=tuple(parts), rows=rows, ranges=ranges, fingerprint=fp.hexdigest(),
-                  scatter_dir=storage.join(cfg.data_dir, SCATTER, layout))
+                  scatter_dir=storage.join(cfg.data_dir, SCATTER, layout), views_per_image=next(iter(views)))
 
 
-def _part_info(path: str) -> tuple[int, str]:
-    """(rows, identity) of a part from its footer: name, size and the footer's bytes."""
+def _part_info(path: str) -> tuple[int, str, int]:
+    """(rows, identity, views per image) of a part from its footer: identity = name, size and
+    the footer's bytes."""
     fs, p = storage.filesystem(path)
     with fs.open_input_file(p) as f:
         size = f.size()
@@ -174,9 +184,10 @@ def _part_info(path: str) -> tuple[int, str]:
         footer_len = int.from_bytes(f.read(4), "little")
         f.seek(size - 8 - footer_len)
         footer = f.read(footer_len)
-        rows = pq.ParquetFile(f).metadata.num_rows
+        pf = pq.ParquetFile(f)
+        rows, views = pf.metadata.num_rows, views_of(pf.schema_arrow, path)
     rel = "/".join(path.rsplit("/", 2)[-2:])
-    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0"
+    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0", views
 
 
 def shard_plan(cfg: PackConfig, inputs: Inputs, counts: np.ndarray) -> list[ShardSpec]:
@@ -236,7 +247,7 @@ def _scatter_all(ray, remote, cfg: PackConfig, inputs: Inputs, limit: int, timeo
         if storage.exists(out + ".counts") and storage.exists(out):  # .counts is written last
             _add_counts(counts, storage.read_bytes(out + ".counts"))
         else:
-            jobs[j] = (path, out, cfg.seed, threshold, inputs.ranges)
+            jobs[j] = (path, out, cfg.seed, threshold, inputs.ranges, inputs.views_per_image)
     for _, sparse in bounded_tasks(ray, remote(scatter_part), jobs, limit, timeout):
         _add_counts(counts, sparse)
     return counts, len(jobs)
@@ -272,15 +283,16 @@ def route(ids: list[str], seed: int, threshold: int, ranges: tuple[int, int]) ->
     return key, (local + np.where(is_val, np.uint64(ranges[0]), np.uint64(0))).astype(np.int64)
 
 
-def scatter_part(path: str, out: str, seed: int, threshold: int, ranges: tuple[int, int]) -> bytes:
+def scatter_part(path: str, out: str, seed: int, threshold: int, ranges: tuple[int, int],
+                 views_per_image: int = 1) -> bytes:
     """Write one part ordered by key range (stable: rows keep part order inside a range), one
     row group per RANGES_PER_SHARD ranges; returns its (range, rows) pairs, also saved beside."""
     table = storage.read_parquet(path)
-    check_schema(table, path)
+    check_schema(table, path, views_per_image)
     key, rng = route(table.column("id").to_pylist(), seed, threshold, ranges)
     order = np.argsort(rng, kind="stable")
     rng = rng[order]
-    table = (table.cast(SHARD_SCHEMA).take(pa.array(order))
+    table = (table.cast(shard_schema(views_per_image)).take(pa.array(order))
              .append_column(KEY, pa.array(key[order])).append_column(RANGE, pa.array(rng.astype(np.int32))))
     block = rng // RANGES_PER_SHARD
     starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]]) if len(rng) else np.array([], np.int64)
@@ -375,8 +387,11 @@ def _split_counts(manifest: dict) -> dict[str, int] | None:
 def build_manifest(cfg: PackConfig, inputs: Inputs, tokenizers: dict, paths: list[str], done: dict) -> dict:
     shards = [{"path": p, **done[p]} for p in paths]
     by_split = {split: [e for e in shards if e["split"] == split] for split in SPLITS}
-    return {
-        "format": "parquet", "compression": cfg.compression, "schema": [f.name for f in SHARD_SCHEMA],
+    # K = 1 (no view keys; readers take 1) keeps the manifest of before views existed, byte for byte
+    views = {"views_per_image": inputs.views_per_image, "view_layout": VIEW_LAYOUT} if inputs.views_per_image > 1 else {}
+    return views | {
+        "format": "parquet", "compression": cfg.compression,
+        "schema": [f.name for f in shard_schema(inputs.views_per_image)],
         "seed": cfg.seed, "shard_rows": cfg.shard_rows, "val_fraction": cfg.val_fraction,
         "tokenizers": tokenizers, "fingerprint": inputs.fingerprint,
         "rows": sum(e["rows"] for e in shards), "bytes": sum(e["bytes"] for e in shards),

@@ -24,6 +24,11 @@ one unit, not one part), in batches of ``batch_size`` images.
   RLE because it encodes much faster than Pillow's default strategy and is no
   larger for these views; at the default strategy the encode would cost more than
   decode + VQ-KD together.
+- Views: with ``views_per_image`` K > 1 each image row also keeps K - 1 augmented views
+  (pipelines.common.augment, seeded by (augment.seed, id, view); pairs never flipped) and
+  their codes in the view columns of pipelines.common.schema; view 0 stays the centre crop,
+  and each view is its own VQ-KD batch, so view 0's codes are K = 1's. K = 1 outputs are
+  byte for byte those from before views existed (see :func:`fingerprint_params`).
 
 Tokenizers: the driver reads both tokenizers' files once through
 pipelines.common.storage (local or s3://) and hands the bytes to the actors through
@@ -59,10 +64,11 @@ import pyarrow.parquet as pq
 
 from model.text_tokenizer import MODEL_FILE, TextTokenizer
 from pipelines.common import storage
+from pipelines.common.augment import AugmentConfig, augmented_views
 from pipelines.common.configs import check
 from pipelines.common.ray_session import RayConfig, ray_session
 from pipelines.common.remote_outputs import StageOutput
-from pipelines.common.schema import MODALITIES, TOKENIZERS, shard_table
+from pipelines.common.schema import MODALITIES, TOKENIZERS, VIEW_COLUMNS, shard_table
 
 METADATA_KEY = b"beit3.tokenize"
 STAT_KEYS = ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts", "truncated_captions", "images")
@@ -84,6 +90,8 @@ class TokenizeConfig(StageOutput):
     precision: Literal["fp32", "bf16"] = "fp32"  # VQ-KD encoder autocast (bf16: GPU speed)
     png_compress_level: int = 6
     rows_per_task: int = 2048               # input rows per Ray task (images: rounded up to batch_size)
+    views_per_image: int = 1                # K views per image row: view 0 the centre crop, 1..K-1 augmented
+    augment: AugmentConfig = AugmentConfig()  # the transform of views 1..K-1 (BEiT v2's)
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,6 +102,7 @@ class TokenizeConfig(StageOutput):
         check(self.max_caption_tokens >= 3, "tokenize.max_caption_tokens: must be >= 3")
         check(0 <= self.png_compress_level <= 9, "tokenize.png_compress_level: must be in [0, 9]")
         check(self.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
+        check(self.views_per_image >= 1, "tokenize.views_per_image: must be >= 1")
 
 
 def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str,
@@ -102,9 +111,7 @@ def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str
     start = time.time()
     files = read_tokenizer_files(text_tokenizer_dir, visual_tokenizer_dir)
     tokenizers = tokenizer_info(files, text_tokenizer_dir, visual_tokenizer_dir)
-    # the unit's row range is in its fingerprint, so rows_per_task itself is not
-    params = cfg.content_params() | {"num_actors": None, "rows_per_task": None, "png_strategy": PNG_STRATEGY}
-    units = plan_units(cfg, clean_dir, json.dumps([tokenizers, params], sort_keys=True))
+    units = plan_units(cfg, clean_dir, json.dumps([tokenizers, fingerprint_params(cfg)], sort_keys=True))
     if not units:
         raise FileNotFoundError(f"{clean_dir}: no cleaned parts under text/, image/ or pair/")
     jobs, finished = [], []
@@ -120,6 +127,16 @@ def tokenize_corpus(cfg: TokenizeConfig, clean_dir: str, text_tokenizer_dir: str
     metrics = _metrics(units, jobs, finished, stats)
     metrics["seconds"] = round(time.time() - start, 2)
     return metrics
+
+
+def fingerprint_params(cfg: TokenizeConfig) -> dict:
+    """The params every unit's fingerprint holds. The unit's row range is in its fingerprint,
+    so rows_per_task itself is not; with one view per image the view params are left out,
+    so K = 1 fingerprints (and outputs) are those from before views existed."""
+    params = cfg.content_params() | {"num_actors": None, "rows_per_task": None, "png_strategy": PNG_STRATEGY}
+    if cfg.views_per_image == 1:
+        del params["views_per_image"], params["augment"]
+    return params
 
 
 def plan_units(cfg: TokenizeConfig, clean_dir: str, base: str) -> list[dict]:
@@ -233,7 +250,8 @@ class PartTokenizer:
         stats = {"kind": kind, **dict.fromkeys(STAT_KEYS, 0), **stats, "rows_out": len(rows["id"])}
         # the unit's own record: rerun skips it when the fingerprint matches, metrics reuse stats
         record = json.dumps({"fingerprint": str(job["fingerprint"]), "stats": stats}, sort_keys=True)
-        table = shard_table(rows).replace_schema_metadata({METADATA_KEY: record.encode()})
+        table = shard_table(rows, self.cfg.views_per_image)  # K > 1: its metadata records K; keep it
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: record.encode()})
         storage.write_parquet(table, str(job["out"]))
         return {k: [v] for k, v in {**stats, "seconds": time.time() - start, "pid": os.getpid()}.items()}
 
@@ -256,7 +274,7 @@ class PartTokenizer:
         rows, truncated, tokens = _empty_rows(), 0, 0
         for start in range(0, table.num_rows, self.cfg.batch_size):
             part = table.slice(start, self.cfg.batch_size).to_pydict()
-            pngs, codes = self.tokenize_images(part["image"], part["id"], path)
+            views = self.tokenize_images(part["image"], part["id"], path, allow_flip=not with_captions)
             bodies = self.text.encode_bodies(part["caption"]) if with_captions else None
             for i, (sample_id, source) in enumerate(zip(part["id"], part["source"])):
                 text_ids = None
@@ -265,12 +283,16 @@ class PartTokenizer:
                     text_ids = self.text.wrap(body, self.cfg.max_caption_tokens)
                     truncated += len(body) + 2 > len(text_ids)
                     tokens += len(text_ids)
-                _append(rows, sample_id, "pair" if with_captions else "image", text_ids, pngs[i], codes[i], source)
+                aug = ([v[0][i] for v in views[1:]], [v[1][i] for v in views[1:]]) if len(views) > 1 else (None, None)
+                _append(rows, sample_id, "pair" if with_captions else "image", text_ids, views[0][0][i],
+                        views[0][1][i], source, *aug)
         return rows, {"rows_in": table.num_rows, "images": table.num_rows,
                       "truncated_captions": truncated, "text_tokens": tokens}
 
-    def tokenize_images(self, images: list[bytes], ids: list[str], path: str) -> tuple[list[bytes], np.ndarray]:
-        """Encoded images -> (PNG of each tokenized view, codes (B, N) int16)."""
+    def tokenize_images(self, images: list[bytes], ids: list[str], path: str,
+                        allow_flip: bool) -> list[tuple[list[bytes], np.ndarray]]:
+        """Encoded images -> per view v < K: (PNG of each image's view v, codes (B, N) int16);
+        view 0 is the centre crop, views 1..K-1 augmented (flipped only if ``allow_flip``)."""
         import torch
         from PIL import Image
 
@@ -279,16 +301,25 @@ class PartTokenizer:
 
         if self.vqkd is None:
             self.vqkd = VQKD.deserialize(self.visual_files, source="visual tokenizer bytes").to(self.device)
-        size = self.vqkd.config.image_size
-        views = []
+        size, k = self.vqkd.config.image_size, self.cfg.views_per_image
+        views = [[] for _ in range(k)]  # per view: (3, S, S) uint8, exactly what PNG stores
         for data, sample_id in zip(images, ids):
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     x = preprocess(img, size)  # (3, S, S) in [0, 1]
+                    extra = augmented_views(img, self.cfg.augment, sample_id, k, size, allow_flip)
             except (OSError, ValueError) as err:
                 raise ValueError(f"{path}: image {sample_id} cannot be decoded ({err}); "
                                  "the clean stage should have rejected it") from err
-            views.append(x.mul(255).round().clamp(0, 255).to(torch.uint8))  # exactly what PNG stores
+            views[0].append(x.mul(255).round().clamp(0, 255).to(torch.uint8))
+            for v, pixels in enumerate(extra, start=1):
+                views[v].append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+        return [self.encode_views(batch) for batch in views]
+
+    def encode_views(self, views: list) -> tuple[list[bytes], np.ndarray]:
+        """B views (3, S, S) uint8 -> (their PNGs, codes (B, N) int16): one VQ-KD batch."""
+        import torch
+
         pngs = [_png(v.permute(1, 2, 0).numpy(), self.cfg.png_compress_level) for v in views]
         x = torch.stack(views).float().div(255)  # (B, 3, S, S), identical to decoding the PNGs
         autocast = torch.bfloat16 if self.cfg.precision == "bf16" else None
@@ -307,11 +338,13 @@ def _png(pixels: np.ndarray, level: int) -> bytes:
 
 
 def _empty_rows() -> dict[str, list]:
-    return {k: [] for k in ("id", "modality", "text_ids", "image", "visual_tokens", "source")}
+    return {k: [] for k in ("id", "modality", "text_ids", "image", "visual_tokens", "source", *VIEW_COLUMNS)}
 
 
-def _append(rows: dict, sample_id, modality, text_ids, image, visual_tokens, source) -> None:
-    for key, value in zip(rows, (sample_id, modality, text_ids, image, visual_tokens, source)):
+def _append(rows: dict, sample_id, modality, text_ids, image, visual_tokens, source,
+            aug_images=None, aug_visual_tokens=None) -> None:  # view columns: read by shard_table if K > 1
+    values = (sample_id, modality, text_ids, image, visual_tokens, source, aug_images, aug_visual_tokens)
+    for key, value in zip(rows, values):
         rows[key].append(value)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from pipelines.common import storage
-from pipelines.common.schema import MODALITIES
+from pipelines.common.schema import MODALITIES, VIEW_COLUMNS
 
 ROW_COLUMNS = ["id", "modality", "text_ids", "image", "visual_tokens"]
 
@@ -21,14 +21,15 @@ class ShardIndex:
 
     paths: tuple[str, ...]
     counts: dict[str, tuple[int, ...]]  # modality -> rows per shard, aligned with paths
+    views_per_image: int = 1            # K stored views per image row (manifest; schema.VIEW_LAYOUT)
 
     def total(self, modality: str) -> int:
         return sum(self.counts[modality])
 
     def digest(self) -> str:
         """Identifies the data of a run (shard names and counts)."""
-        text = repr((tuple(p.rsplit("/", 1)[-1] for p in self.paths),
-                     sorted(self.counts.items())))
+        key = (tuple(p.rsplit("/", 1)[-1] for p in self.paths), sorted(self.counts.items()))
+        text = repr(key if self.views_per_image == 1 else (*key, self.views_per_image))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -62,21 +63,24 @@ def split_index(shards_dir: str, split: str, manifest: dict | None = None) -> Sh
         paths.append(path)
         for m in MODALITIES:
             counts[m].append(int(known.get(m, 0)))
-    return ShardIndex(tuple(paths), {m: tuple(c) for m, c in counts.items()})
+    return ShardIndex(tuple(paths), {m: tuple(c) for m, c in counts.items()}, int(manifest.get("views_per_image", 1)))
 
 
 class ShardRowReader:
-    """Reads rows of one modality from shards, keeping the few most recent shards in memory."""
+    """Reads rows of one modality from shards, keeping the few most recent shards in memory.
+    With ``views`` and K > 1 image rows also hold the view columns (schema.VIEW_LAYOUT);
+    without, only view 0 (``image`` / ``visual_tokens``, the centre crop) is read."""
 
-    def __init__(self, index: ShardIndex, modality: str, cache_size: int = 2):
+    def __init__(self, index: ShardIndex, modality: str, cache_size: int = 2, views: bool = False):
         self.index = index
         self.modality = modality
         self.cache_size = cache_size
+        self.columns = ROW_COLUMNS + (VIEW_COLUMNS if views and index.views_per_image > 1 else [])
         self._cache: OrderedDict[int, list[dict]] = OrderedDict()
 
     def rows_of(self, shard: int) -> list[dict]:
         if shard not in self._cache:
-            table = storage.read_parquet(self.index.paths[shard], columns=ROW_COLUMNS)
+            table = storage.read_parquet(self.index.paths[shard], columns=self.columns)
             table = table.filter(pc.equal(table.column("modality"), self.modality))
             if table.num_rows != self.index.counts[self.modality][shard]:
                 raise ValueError(f"{self.index.paths[shard]}: {table.num_rows} {self.modality} rows, "

@@ -14,7 +14,9 @@ shard list), computed identically by every worker without communication:
   ``pack`` already shuffled globally;
 - step ``t`` takes stream positions ``[t*B, (t+1)*B)`` (B = the modality's
   global batch, epochs follow each other without gaps) and worker ``r`` of
-  ``W`` takes the r-th contiguous slice of B/W of them.
+  ``W`` takes the r-th contiguous slice of B/W of them;
+- with K > 1 views per image (``tokenize.views_per_image``), an image or pair sample
+  trains in epoch ``e`` on view :func:`view_index` (seed, id, e) of its row.
 
 So the state of the data after ``t`` steps is ``t`` itself: a resume from a
 checkpoint at step ``t`` continues at the exact next sample, and 1 worker and
@@ -31,9 +33,30 @@ import torch
 from model.batch import MixedBatch, TextPart
 from model.masking import TextMask, block_mask, num_to_mask, token_grid
 from model.task import PretrainMasks
-from pipelines.common.schema import MODALITIES
-from pipelines.common.seeding import mix_seed, seeded_rng
+from pipelines.common.schema import MODALITIES, VIEW_COLUMNS
+from pipelines.common.seeding import mix_seed, seeded_rng, text_key
 from pipelines.common.shards import ShardIndex, ShardRowReader
+
+VIEW_SALT = 0x56494557  # "VIEW": keeps the view draws apart from the other draws of the seed
+
+
+def view_index(seed: int, sample_id: str, epoch: int, views: int) -> int:
+    """The view (0..views-1) a sample trains on in ``epoch``: a pure function of (seed, id,
+    epoch), uniform over the views; 0 (the centre crop) whenever there is one view."""
+    if views == 1:
+        return 0
+    return mix_seed(seed, VIEW_SALT, text_key(sample_id), epoch) % views
+
+
+def pick_view(row: dict, view: int, views: int) -> dict:
+    """A copy of an image or pair row whose ``image`` / ``visual_tokens`` are view ``view``
+    (schema.VIEW_LAYOUT: 0 the row's own, v > 0 item v - 1 of the view columns, then dropped)."""
+    images, tokens = row["aug_images"], row["aug_visual_tokens"]
+    if images is None or tokens is None or len(images) != views - 1 or len(tokens) != views - 1:
+        raise ValueError(f"row {row['id']!r}: {len(images or [])} augmented views, "
+                         f"the manifest says views_per_image = {views}")
+    out = {k: v for k, v in row.items() if k not in VIEW_COLUMNS}
+    return out if view == 0 else out | {"image": images[view - 1], "visual_tokens": tokens[view - 1]}
 
 
 class ModalityOrder:
@@ -90,16 +113,21 @@ class MixedStream:
     def __init__(self, index: ShardIndex, batch: dict[str, int], seed: int, rank: int, world_size: int):
         self.batch = {m: n for m, n in batch.items() if n > 0}
         self.rank, self.world_size = rank, world_size
+        self.seed, self.views = seed, index.views_per_image
         self.orders = {m: ModalityOrder(index, m, seed) for m in self.batch}
-        self.readers = {m: ShardRowReader(index, m) for m in self.batch}
+        self.readers = {m: ShardRowReader(index, m, views=m != "text") for m in self.batch}
 
     def rows(self, step: int) -> list[dict]:
-        """The rows this worker trains on at ``step``, modality by modality."""
+        """The rows this worker trains on at ``step``, modality by modality (K > 1: each image
+        and pair row as the view its epoch picks)."""
         out = []
         for m, global_batch in self.batch.items():
             for position in worker_positions(step, global_batch, self.rank, self.world_size):
-                _, shard, row = self.orders[m].locate(position)
-                out.append(self.readers[m].rows_of(shard)[row])
+                epoch, shard, row = self.orders[m].locate(position)
+                sample = self.readers[m].rows_of(shard)[row]
+                if self.views > 1 and m != "text":
+                    sample = pick_view(sample, view_index(self.seed, sample["id"], epoch, self.views), self.views)
+                out.append(sample)
         return out
 
     def positions(self, step: int) -> dict[str, range]:
@@ -214,5 +242,5 @@ def count_tokens(batch: MixedBatch) -> int:
     return total
 
 
-__all__ = ["ModalityOrder", "worker_positions", "MixedStream", "step_masks", "part_counts",
+__all__ = ["view_index", "pick_view", "ModalityOrder", "worker_positions", "MixedStream", "step_masks", "part_counts",
            "split_micro_batches", "split_text_part", "count_tokens"]
