@@ -47,6 +47,9 @@ recorded (path, rows, bytes, sha256) in ``manifest.partial.json`` with a fingerp
 the parts' identities, the tokenizers and the params; a rerun keeps every shard whose file
 still has the recorded sha256, reuses finished scatter files, and writes only the rest.
 ``manifest.json`` is written last; ``.scatter`` is removed with it.
+
+Modules: manifest.py (resume bookkeeping, manifest.json); this module plans, scatters and
+gathers.
 """
 from __future__ import annotations
 
@@ -74,12 +77,18 @@ from pipelines.common.ray_session import (
     spread_task,
 )
 from pipelines.common.remote_outputs import StageOutput
-from pipelines.common.schema import MODALITIES, TOKENIZERS, VIEW_LAYOUT, check_schema, shard_schema, views_of
+from pipelines.common.schema import MODALITIES, TOKENIZERS, check_schema, shard_schema, views_of
+from pipelines.pack.manifest import (
+    MANIFEST,
+    PARTIAL,
+    SPLITS,
+    build_manifest,
+    finished_shards,
+    remove_stale,
+    write_partial,
+)
 
-MANIFEST = "manifest.json"
-PARTIAL = "manifest.partial.json"
 SCATTER = ".scatter"
-SPLITS = ("train", "val")
 KEY, RANGE = "__key", "__range"
 # Key ranges per (estimated) shard: more ranges mean less over-read per gather, more
 # row groups per scatter file.
@@ -133,9 +142,9 @@ def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict
     tokenizers = storage.read_json(info_path) if storage.exists(info_path) else {}
     inputs = plan_inputs(cfg, parts, tokenizers)
     split_shards, done = finished_shards(cfg.data_dir, inputs.fingerprint)
-    _write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
+    write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
     storage.remove(storage.join(cfg.data_dir, MANIFEST))
-    _remove_stale(cfg.data_dir, keep=set(done))
+    remove_stale(cfg.data_dir, keep=set(done))
     written = scattered = 0
     if split_shards is None or len(done) < sum(split_shards.values()):
         with ray_session(ray_cfg) as ray:
@@ -219,8 +228,8 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, inputs: Inputs, done: dict) -
     wanted = {s.path for s in shards}
     for rel in [rel for rel in done if rel not in wanted]:
         del done[rel]
-    _remove_stale(cfg.data_dir, keep=set(done))
-    _write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
+    remove_stale(cfg.data_dir, keep=set(done))
+    write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
     options = (cfg.compression, cfg.compression_level, cfg.row_group_rows)
     jobs = {s: (inputs.scatter_dir, len(inputs.parts), s.first, s.last, s.offset, s.rows,
                 storage.join(cfg.data_dir, s.path), *options) for s in shards if s.path not in done}
@@ -228,7 +237,7 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, inputs: Inputs, done: dict) -
     for n, (shard, entry) in enumerate(bounded_tasks(ray, remote(gather_shard), jobs, limit, timeout), start=1):
         done[shard.path] = {"split": shard.split, **entry}
         if time.time() - last_write > 1.0 or n == len(jobs):  # bounded manifest rewriting
-            _write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
+            write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
             last_write = time.time()
     return split_shards, len(jobs), scattered
 
@@ -354,69 +363,3 @@ def parquet_bytes(table: pa.Table, compression: str, compression_level: int | No
     pq.write_table(table, sink, compression=compression, compression_level=compression_level,
                    row_group_size=row_group_rows, write_statistics=True)
     return sink.getvalue()
-
-
-# ----------------------------------------------------------------------------- resume, manifest
-
-def finished_shards(out_dir: str, fingerprint: str) -> tuple[dict[str, int] | None, dict[str, dict]]:
-    """(shards per split if a previous run with this fingerprint got that far, its entries whose
-    file still has its sha256). Same fingerprint, same shard plan: its entries are this run's."""
-    previous, split_shards = {}, None
-    for name in (PARTIAL, MANIFEST):
-        path = storage.join(out_dir, name)
-        if storage.exists(path):
-            recorded = storage.read_json(path)
-            if recorded.get("fingerprint") == fingerprint:
-                entries = recorded["shards"]
-                previous.update(entries if isinstance(entries, dict) else {e["path"]: e for e in entries})
-                counts = recorded.get("split_shards") or _split_counts(recorded)
-                split_shards = counts or split_shards
-    done = {}
-    for rel, entry in sorted(previous.items()):
-        path = storage.join(out_dir, rel)
-        if storage.exists(path) and storage.sha256_file(path) == entry["sha256"]:
-            done[rel] = {k: v for k, v in entry.items() if k != "path"}
-    return split_shards, done
-
-
-def _split_counts(manifest: dict) -> dict[str, int] | None:
-    splits = manifest.get("splits")
-    return {s: splits[s]["shards"] for s in SPLITS} if isinstance(splits, dict) else None
-
-
-def build_manifest(cfg: PackConfig, inputs: Inputs, tokenizers: dict, paths: list[str], done: dict) -> dict:
-    shards = [{"path": p, **done[p]} for p in paths]
-    by_split = {split: [e for e in shards if e["split"] == split] for split in SPLITS}
-    # K = 1 (no view keys; readers take 1) keeps the manifest of before views existed, byte for byte
-    views = {"views_per_image": inputs.views_per_image, "view_layout": VIEW_LAYOUT} if inputs.views_per_image > 1 else {}
-    return views | {
-        "format": "parquet", "compression": cfg.compression,
-        "schema": [f.name for f in shard_schema(inputs.views_per_image)],
-        "seed": cfg.seed, "shard_rows": cfg.shard_rows, "val_fraction": cfg.val_fraction,
-        "tokenizers": tokenizers, "fingerprint": inputs.fingerprint,
-        "rows": sum(e["rows"] for e in shards), "bytes": sum(e["bytes"] for e in shards),
-        "duplicate_ids": sum(e.get("duplicate_ids", 0) for e in shards),
-        "rows_by_modality": _modality_totals(shards),
-        "splits": {split: {"shards": len(es), "rows": sum(e["rows"] for e in es),
-                           "rows_by_modality": _modality_totals(es)} for split, es in by_split.items()},
-        "shards": shards,
-    }
-
-
-def _modality_totals(entries: list[dict]) -> dict[str, int]:
-    return {m: sum(e["rows_by_modality"][m] for e in entries) for m in MODALITIES}
-
-
-def _write_partial(out_dir: str, fingerprint: str, split_shards: dict | None, done: dict) -> None:
-    storage.write_json(storage.join(out_dir, PARTIAL),
-                       {"fingerprint": fingerprint, "split_shards": split_shards, "shards": done})
-
-
-def _remove_stale(out_dir: str, keep: set[str]) -> None:
-    """Delete shard files that are not finished shards of this plan, and temp files of killed writes."""
-    for split in SPLITS:
-        base = storage.join(out_dir, split)
-        for path in storage.list_files(base):
-            if f"{split}/{path[len(base) + 1:]}" not in keep:
-                storage.remove(path)
-    storage.remove_temp_files(out_dir)
