@@ -16,7 +16,9 @@ shards + parts), never O(rows):
    (pipelines.clean.rows); only a summary per chunk comes back;
 3. global dedup as sharded Ray tasks, each reading only its key partition, then
    one task that resolves near-duplicate chains (pipelines.clean.dedup_shards):
-   every dropped row, in one file per chunk that has any;
+   every dropped row, in one file per chunk that has any. Metrics ``dedup``:
+   ``shards``, ``key_files`` and ``bytes_read`` (the total size of the key
+   partition files the shard tasks read: linear in rows whatever the shards);
 4. the output pass as Ray tasks (pipelines.clean.outputs): kept rows minus
    dropped ones go to ``out_dir/{text,image,pair}/part-NNNNN.parquet``, rejected
    rows (the map's and dedup's, merged by order) to ``out_dir/rejected/``. Parts
@@ -103,18 +105,20 @@ def clean_sources(sources, cfg: CleanConfig, ray_cfg) -> dict:
     sources = tuple(sources)
     check(len(sources) <= 1 << ORDER_BITS[0], f"sources: at most {1 << ORDER_BITS[0]} sources")
     planned = [plan_units(source, cfg.files_per_unit, cfg.unit_bytes) for source in sources]
-    shards = dedup_shards([(s.kind, units) for s, units in zip(sources, planned)], cfg.dedup_shard_rows)
     staging = storage.staging_dir(cfg.data_dir)
     work = _work_dir(staging, cfg.data_dir)
     try:
         rules = cfg.near_rules()  # LSH band sizes: a numeric integration, so computed once
         with ray_session(ray_cfg) as ray:
-            units = _number_lines(ray, planned, ray_cfg)
+            units, newlines = _number_lines(ray, planned, ray_cfg)
+            shards = dedup_shards([(s.kind, source_units) for s, source_units in zip(sources, planned)],
+                                  cfg.dedup_shard_rows, newlines)
             chunks = _map_rows(ray, units, (sources, cfg, rules, work, shards), ray_cfg)
-            dropped = _dedup(ray, chunks, shards, rules, work, ray_cfg)
+            dropped, dedup = _dedup(ray, chunks, shards, rules, work, ray_cfg)
             dirs = (staging, work, storage.join(work, "dropped"))
             parts, rejected = write_outputs(ray, chunks, dropped, dirs, sources, cfg, ray_cfg)
-        metrics = _metrics(sources, chunks, rejected, parts)  # raises, leaving out_dir untouched, unless it reconciles
+        # raises, leaving out_dir untouched, unless it reconciles
+        metrics = _metrics(sources, chunks, rejected, parts, dedup)
     finally:
         storage.remove(work)
     storage.publish_dir(staging, cfg.data_dir)
@@ -126,15 +130,16 @@ def _work_dir(staging: str, out_dir: str) -> str:
     return storage.join(out_dir, "_work") if storage.is_uri(out_dir) else f"{staging}-work"
 
 
-def _number_lines(ray, planned: list[list], ray_cfg) -> list[dict]:
-    """Every unit as {source_idx, unit_idx, unit}, byte spans told the newlines before them (a
-    Ray task per span counts its bytes' newlines)."""
+def _number_lines(ray, planned: list[list], ray_cfg) -> tuple[list[dict], dict[int, int]]:
+    """Every unit as {source_idx, unit_idx, unit}, byte spans told the newlines before them,
+    and the newlines of every counted unit by flat index (a Ray task per plain text unit
+    counts its bytes' newlines)."""
     flat = [u for units in planned for u in units]
     task = spread_task(ray, count_newlines, ray_cfg.cpus_per_task)
     counts = dict(bounded_tasks(ray, task, newline_jobs(flat), cluster_cpus(ray), ray_cfg.no_progress_timeout_s))
     flat = iter(with_newlines(flat, counts))
     return [{"source_idx": s, "unit_idx": u, "unit": next(flat)}
-            for s, units in enumerate(planned) for u in range(len(units))]
+            for s, units in enumerate(planned) for u in range(len(units))], counts
 
 
 def _map_rows(ray, units, shared: tuple, ray_cfg) -> list[dict]:
@@ -165,9 +170,10 @@ def _map_blocks(units: int, cpus: int) -> int:
     return max(1, min(units, MAX_BLOCKS, max(BLOCKS_PER_CPU * cpus, math.ceil(units / UNITS_PER_BLOCK))))
 
 
-def _dedup(ray, chunks: list[dict], shards: int, rules: NearRules, work: str, ray_cfg) -> dict[int, int]:
+def _dedup(ray, chunks: list[dict], shards: int, rules: NearRules, work: str, ray_cfg) -> tuple[dict[int, int], dict]:
     """Sharded exact + near dedup (pipelines.clean.dedup_shards) over the map's key partitions;
-    returns {first order: dropped rows} of the chunks that have dropped rows."""
+    returns ({first order: dropped rows} of the chunks that have dropped rows, the dedup metrics:
+    shards, key files and bytes the shard tasks read)."""
     refs = ray.put([(c["first_order"], c["path"]) for c in chunks])
     task = spread_task(ray, dedup_shard, ray_cfg.cpus_per_task)
     keys, folder = storage.join(work, "keys"), storage.join(work, "dedup")
@@ -175,14 +181,16 @@ def _dedup(ray, chunks: list[dict], shards: int, rules: NearRules, work: str, ra
     outputs = dict(bounded_tasks(ray, task, jobs, cluster_cpus(ray), ray_cfg.no_progress_timeout_s))
     outputs = [outputs[s] for s in range(shards)]
     final = spread_task(ray, resolve, ray_cfg.cpus_per_task)
-    return ray.get(final.remote(outputs, storage.join(work, "dropped"), [c["first_order"] for c in chunks]))
+    dropped = ray.get(final.remote(outputs, storage.join(work, "dropped"), [c["first_order"] for c in chunks]))
+    return dropped, {"shards": shards, "key_files": sum(o["key_files"] for o in outputs),
+                     "bytes_read": sum(o["key_bytes"] for o in outputs)}
 
 
 # ---------------------------------------------------------------- metrics
 
-def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict) -> dict:
-    """Per source rows_in / kept / rejected by reason, per kind step counts; raise unless
-    every source yielded rows and reconciles (rows_in == kept + rejected)."""
+def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict, dedup: dict) -> dict:
+    """Per source rows_in / kept / rejected by reason, per kind step counts, ``dedup`` as given
+    (see _dedup); raise unless every source yielded rows and reconciles (rows_in == kept + rejected)."""
     rows_in = Counter()
     for c in chunks:
         rows_in[sources[c["source_idx"]].name] += c["rows"]
@@ -207,7 +215,7 @@ def _metrics(sources, chunks: list[dict], rejected: Counter, parts: dict) -> dic
              if any(s.kind == k and rows_in[s.name] for s in sources)}
     outputs = {k: {key: v for key, v in p.items() if key != "by_source"} for k, p in parts.items()}
     return {"rows_in": sum(rows_in.values()), "kept": sum(kept.values()), "rejected": sum(rejected.values()),
-            "sources": per_source, "kinds": kinds, "outputs": outputs}
+            "sources": per_source, "kinds": kinds, "outputs": outputs, "dedup": dedup}
 
 
 def _kind_steps(kind: str, sources, rows_in: Counter, rejected: Counter, parts: dict) -> dict:

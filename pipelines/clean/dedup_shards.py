@@ -92,7 +92,8 @@ def write_keys(keys: str, first_order: int, rows: pa.Table, num_shards: int) -> 
 def dedup_shard(keys: str, chunks: list[tuple[int, str]], shard: int, rules: NearRules, work: str) -> dict:
     """Ray task: exact duplicates and confirmed near-duplicate edges of one shard, from its key
     partition under ``keys``; ``chunks`` ((first order, path), in order) are read only for the
-    members of candidate groups."""
+    members of candidate groups. Returns the output paths and counts, with ``key_files`` and
+    ``key_bytes``: the partition files it read and their total size."""
     files = storage.list_files(storage.join(keys, f"{shard:05d}"), ".parquet")
     t = pa.concat_tables([storage.read_parquet(f) for f in files]) if files else KEY_SCHEMA.empty_table()
     is_band = pc.is_valid(t.column("band"))
@@ -104,7 +105,8 @@ def dedup_shard(keys: str, chunks: list[tuple[int, str]], shard: int, rules: Nea
            "edges": storage.join(work, f"edges-{shard:05d}.parquet")}
     storage.write_parquet(dups, out["exact"])
     storage.write_parquet(edges, out["edges"])
-    return {**out, "exact_rows": len(dups), "edge_rows": len(edges), "key_files": len(files)}
+    key_bytes = sum(storage.file_info(f)[1] for f in files)  # each key file is read whole, once
+    return {**out, "exact_rows": len(dups), "edge_rows": len(edges), "key_files": len(files), "key_bytes": key_bytes}
 
 
 def _exact_duplicates(parts: list[pa.Table]) -> pa.Table:

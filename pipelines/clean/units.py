@@ -17,8 +17,12 @@ of one large file, so that one big file spreads over every core:
 A split file's units are consecutive, so its rows keep file order in the order
 key (source, unit, row) of pipelines.clean.rows. The number of dedup shards is
 fixed here too, before the map runs (the map writes dedup keys already
-partitioned by shard): ``ceil(estimated rows / clean.dedup_shard_rows)``, the
-rows estimated from the planned bytes (:data:`BYTES_PER_ROW`).
+partitioned by shard), after the counting pass: ``ceil(rows / clean.dedup_shard_rows)``
+with the rows of plain txt/JSONL units counted exactly (the pass counts every plain text
+unit's newlines, not only the spans that need them: it reads at disk speed, and an
+estimate from bytes would put twice the rows in each shard of a corpus of short lines),
+Parquet spans' from their footers, and the rest (compressed text, tars) estimated from
+the planned bytes (:data:`BYTES_PER_ROW`); image files count one row each.
 """
 from __future__ import annotations
 
@@ -52,10 +56,12 @@ class RowGroupSpan:
 @dataclass(frozen=True)
 class Unit:
     """What one map step reads: ``files`` in order, or the ``span`` of its single file.
-    ``size`` is the planned input bytes (0 for image files, counted as one row each)."""
+    ``size`` is the planned input bytes (0 for image files, counted as one row each);
+    ``lines``: a plain txt/JSONL file (or span of one) whose rows the counting pass counts."""
     files: tuple[str, ...]
     span: ByteSpan | RowGroupSpan | None = None
     size: int = 0
+    lines: bool = False
 
 
 def plan_units(source: SourceConfig, files_per_unit: int, unit_bytes: int | None = None) -> list[Unit]:
@@ -83,20 +89,30 @@ def _source_files(source: SourceConfig) -> list[str]:
 def _file_units(source: SourceConfig, path: str, unit_bytes: int | None) -> list[Unit]:
     kind, size = storage.file_info(path)
     size = size or 0
-    whole = [Unit((path,), size=size * _expansion(source, path))]
+    whole = [Unit((path,), size=size * _expansion(source, path), lines=kind == pafs.FileType.File
+                  and _plain_text(source, path))]
     if unit_bytes is None or size <= unit_bytes or kind != pafs.FileType.File:
         return whole
     try:
         _confine(source, path, ReadLimits(0, 0))  # nothing outside the source is opened, even to plan
         if source.format in TEXT_FORMATS and compression(path, source.format) == "plain":
             n = math.ceil(size / unit_bytes)
-            return [Unit((path,), ByteSpan(k * size // n, (k + 1) * size // n), (k + 1) * size // n - k * size // n)
-                    for k in range(n)]
+            return [Unit((path,), ByteSpan(k * size // n, (k + 1) * size // n), (k + 1) * size // n - k * size // n,
+                         lines=True) for k in range(n)]
         if source.format == "parquet":
             return _row_group_units(path, unit_bytes) or whole
     except (Reject, OSError, ValueError):  # its reader rejects it, as one unit
         return whole
     return whole
+
+
+def _plain_text(source: SourceConfig, path: str) -> bool:
+    """A plain txt/JSONL file inside its source: the counting pass counts its rows."""
+    try:
+        _confine(source, path, ReadLimits(0, 0))
+        return source.format in TEXT_FORMATS and compression(path, source.format) == "plain"
+    except (Reject, OSError, ValueError):
+        return False
 
 
 def _expansion(source: SourceConfig, path: str) -> int:
@@ -125,14 +141,20 @@ def _row_group_units(path: str, unit_bytes: int) -> list[Unit]:
 
 
 def newline_jobs(units: list[Unit]) -> dict[int, tuple[str, int, int]]:
-    """{unit index: (path, from, to)}: the bytes whose newlines a later span of the same file
-    must know (from one span's read_from to the next's)."""
+    """{unit index: (path, from, to)}: the bytes whose newlines the counting pass counts, for
+    every ``lines`` unit: a byte span's from its read_from to the next span's (what a later
+    span of the same file must know), or to its end; a whole file's, all of it."""
     jobs = {}
-    for k, unit in enumerate(units[:-1]):
-        nxt = units[k + 1]
-        if isinstance(unit.span, ByteSpan) and isinstance(nxt.span, ByteSpan) and nxt.files == unit.files \
-                and nxt.span.start == unit.span.end:
-            jobs[k] = (unit.files[0], unit.span.read_from, nxt.span.read_from)
+    for k, unit in enumerate(units):
+        if not unit.lines:
+            continue
+        if not isinstance(unit.span, ByteSpan):
+            jobs[k] = (unit.files[0], 0, unit.size)
+            continue
+        nxt = units[k + 1] if k + 1 < len(units) else None
+        follows = nxt is not None and isinstance(nxt.span, ByteSpan) and nxt.files == unit.files \
+            and nxt.span.start == unit.span.end
+        jobs[k] = (unit.files[0], unit.span.read_from, nxt.span.read_from if follows else unit.span.end)
     return jobs
 
 
@@ -150,10 +172,16 @@ def with_newlines(units: list[Unit], counts: dict[int, int]) -> list[Unit]:
     return out
 
 
-def dedup_shards(units_by_source: list[tuple[str, list[Unit]]], shard_rows: int) -> int:
-    """Dedup shards for the planned input: ceil(estimated rows / shard_rows), in [1, MAX]."""
-    rows = sum(u.size / BYTES_PER_ROW[kind] if u.size else len(u.files)
-               for kind, units in units_by_source for u in units)
+def dedup_shards(units_by_source: list[tuple[str, list[Unit]]], shard_rows: int,
+                 newlines: dict[int, int] | None = None) -> int:
+    """Dedup shards for the planned input: ceil(rows / shard_rows), in [1, MAX]; ``newlines``
+    (keyed by the flat unit index, as :func:`newline_jobs`) gives a counted unit's rows (at
+    most its newlines + 1), the rest are estimated (see the module docstring)."""
+    newlines, rows, k = newlines or {}, 0.0, 0
+    for kind, units in units_by_source:
+        for u in units:
+            rows += newlines[k] + 1 if k in newlines else (u.size / BYTES_PER_ROW[kind] if u.size else len(u.files))
+            k += 1
     return max(1, min(MAX_DEDUP_SHARDS, math.ceil(rows / shard_rows)))
 
 

@@ -133,6 +133,23 @@ def test_find_duplicates_keeps_first_occurrence():
     assert [d.index for d in find_duplicates(meta, "text", near=False)] == [3]
 
 
+def test_dedup_shard_reports_the_bytes_of_its_key_partition(tmp_path):
+    """key_bytes (summed into clean's metrics as dedup.bytes_read) is the size of the partition files read."""
+    from pipelines.clean.dedup import NearRules
+    from pipelines.clean.dedup_shards import KEY_COLUMNS, dedup_shard, write_keys
+
+    rows = pa.table({"order": pa.array(range(40), pa.int64()), "kind": ["text"] * 40, "kept": [True] * 40,
+                     "id": [f"{i:064x}" for i in range(40)], "location": [f"in/{i}" for i in range(40)],
+                     "bands": pa.array([[1000 * i + b for b in range(3)] for i in range(40)], pa.list_(pa.uint64()))})
+    keys = str(tmp_path / "keys")
+    write_keys(keys, 0, rows.select(KEY_COLUMNS), 2)
+    for shard in range(2):
+        out = dedup_shard(keys, [], shard, NearRules(kinds=("text",)), str(tmp_path / "work"))
+        files = storage.list_files(os.path.join(keys, f"{shard:05d}"), ".parquet")
+        assert out["key_files"] == len(files) == 1
+        assert out["key_bytes"] == sum(os.path.getsize(f) for f in files) > 0
+
+
 # ---------------------------------------------------------------- config
 
 def test_params_section_builds_and_rejects_unknown_keys():
@@ -188,6 +205,7 @@ def test_clean_end_to_end_is_deterministic(ray_local, tmp_path):
         assert s["rows_in"] == s["kept"] + s["rejected"]
     steps = {s["step"]: s for s in metrics["kinds"]["text"]["steps"]}
     assert steps["read"]["dropped"] == 1 and steps["exact_dedup"]["dropped"] == 1 and steps["length"]["dropped"] == 1
+    assert metrics["dedup"]["shards"] >= 1 and metrics["dedup"]["bytes_read"] > 0
 
     out = cfg.out_dir
     assert sorted(os.listdir(out)) == ["image", "pair", "rejected", "text"]
@@ -312,11 +330,13 @@ def corpus_lines(n: int, seed: int) -> list[bytes]:
 
 def clean_twice(tmp_path, sources, small: int, **kw) -> None:
     """Clean with map units of ``small`` bytes and with one unit per file: the same metrics
-    and byte-identical files (kept ids, rejected rows with locations and details, parts)."""
+    (but ``dedup``'s key files: one per map chunk and shard) and byte-identical files (kept
+    ids, rejected rows with locations and details, parts)."""
     runs = {}
     for name, unit_bytes in (("one", 2**40), ("split", small)):
         cfg = CleanConfig(out_dir=str(tmp_path / name), unit_bytes=unit_bytes, **kw)
         runs[name] = clean_sources(sources, cfg, RAY)
+        runs[name].pop("dedup")
     assert runs["split"] == runs["one"]
     files = {n: [os.path.relpath(f, tmp_path / n) for f in storage.list_files(str(tmp_path / n))] for n in runs}
     assert files["split"] == files["one"] and files["one"]

@@ -375,3 +375,31 @@ def test_byte_spans_read_every_line_once_with_the_file_line_numbers(tmp_path):
         key = lambda r: (r.location, r.text, r.reject and r.reject.reason)  # noqa: E731
         whole = [key(r) for r in read_unit(source, (str(path),), limits)]
         assert [key(r) for u in units for r in read_unit(source, u, limits)] == whole, trial
+
+
+def test_dedup_shards_count_the_lines_of_plain_text_and_estimate_the_rest(tmp_path):
+    """The dedup shard count uses the counted rows of plain txt/JSONL (whole files and byte
+    spans), not a bytes-per-row guess: short lines would put several times the configured rows
+    in each shard; a compressed file, which the pass cannot count, is estimated."""
+    import gzip
+    import math
+
+    from pipelines.clean.text_files import count_newlines
+    from pipelines.clean.units import BYTES_PER_ROW, COMPRESSED_TEXT_RATIO, dedup_shards, newline_jobs
+
+    lines = b"".join(b'{"text": "short %d"}\n' % i for i in range(3000))  # ~23 bytes a row
+    (tmp_path / "small.jsonl").write_bytes(lines[:4000])
+    (tmp_path / "big.jsonl").write_bytes(lines)
+    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress(lines))
+    plain = [u for name in ("small", "big") for u in plan_units(
+        SourceConfig(name, "text", "jsonl", str(tmp_path / f"{name}.jsonl")), 1, 10_000)]
+    assert len(plain) > 2 and all(u.lines for u in plain)
+    counts = {k: count_newlines(*job) for k, job in newline_jobs(plain).items()}
+    assert sorted(counts) == list(range(len(plain))) and sum(counts.values()) == lines[:4000].count(b"\n") + 3000
+    rows = sum(counts.values()) + len(plain)  # at most one unterminated line per unit
+    assert dedup_shards([("text", plain)], 500, counts) == -(-rows // 500)
+    assert dedup_shards([("text", plain)], 500) < -(-rows // 500) / 5  # the bytes guess: far too few shards
+    packed = plan_units(SourceConfig("gz", "text", "jsonl", str(tmp_path / "packed.jsonl.gz")), 1, 10_000)
+    assert [u.lines for u in packed] == [False] and newline_jobs(packed) == {}
+    size = (tmp_path / "packed.jsonl.gz").stat().st_size
+    assert dedup_shards([("text", packed)], 10) == math.ceil(size * COMPRESSED_TEXT_RATIO / BYTES_PER_ROW["text"] / 10)
