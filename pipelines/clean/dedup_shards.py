@@ -47,15 +47,24 @@ EDGE_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("kind", pa.strin
                          ("location", pa.string()), ("detail", pa.string())])
 CONFIRM_COLUMNS = ["order", "kind", "id", "location", "minhash", "phash", "thumb", "caption_hash"]
 # One shard's keys from one chunk: an exact-dedup entry (band null: a kept row whose id
-# hashes to the shard) or a near-dedup bucket entry (band set; kind and location null).
+# hashes to the shard) or a near-dedup bucket entry (band set; kind, id and location null,
+# id_key: the id's first 64 bits, which tell exact copies apart inside a bucket). Bucket
+# entries hold fixed-width numbers only: a row's id string is stored once (in its exact
+# entry), not once per band in every shard's file, so the bytes per row stay flat as the
+# shard count grows.
 KEY_SCHEMA = pa.schema([("order", pa.int64()), ("kind", pa.string()), ("id", pa.string()),
-                        ("location", pa.string()), ("band", pa.uint64())])
+                        ("location", pa.string()), ("band", pa.uint64()), ("id_key", pa.uint64())])
 KEY_COLUMNS = ["order", "kind", "kept", "id", "location", "bands"]  # what the map passes to write_keys
 
 
 def id_shards(ids: pa.Array, num_shards: int) -> np.ndarray:
     """Shard of each hex content id (its first 15 hex digits mod ``num_shards``)."""
     return np.array([int(i[:15], 16) % num_shards for i in ids.to_pylist()], np.int64)
+
+
+def id_keys(ids: pa.Array) -> np.ndarray:
+    """Each hex content id's first 64 bits (uint64)."""
+    return np.array([int(i[:16], 16) for i in ids.to_pylist()], np.uint64)
 
 
 def partition_keys(rows: pa.Table, num_shards: int) -> dict[int, pa.Table]:
@@ -69,9 +78,9 @@ def partition_keys(rows: pa.Table, num_shards: int) -> dict[int, pa.Table]:
     none = pa.nulls(len(keys), pa.string())
     table = pa.concat_tables([
         pa.table([t.column("order"), t.column("kind"), t.column("id"), t.column("location"),
-                  pa.nulls(len(t), pa.uint64())], schema=KEY_SCHEMA),
-        pa.table([t.column("order").take(parents), none, t.column("id").take(parents), none,
-                  pa.array(keys, pa.uint64())], schema=KEY_SCHEMA)])
+                  pa.nulls(len(t), pa.uint64()), pa.nulls(len(t), pa.uint64())], schema=KEY_SCHEMA),
+        pa.table([t.column("order").take(parents), none, none, none, pa.array(keys, pa.uint64()),
+                  pa.array(id_keys(t.column("id"))[parents], pa.uint64())], schema=KEY_SCHEMA)])
     shard = np.concatenate([id_shards(t.column("id"), num_shards), (keys % np.uint64(num_shards)).astype(np.int64)])
     return {int(s): table.filter(pa.array(shard == s)) for s in np.unique(shard)}
 
@@ -98,7 +107,7 @@ def dedup_shard(keys: str, chunks: list[tuple[int, str]], shard: int, rules: Nea
     t = pa.concat_tables([storage.read_parquet(f) for f in files]) if files else KEY_SCHEMA.empty_table()
     is_band = pc.is_valid(t.column("band"))
     exact = t.filter(pc.invert(is_band)).select(["kind", "id", "order", "location"])
-    bands = t.filter(is_band).select(["band", "order", "id"])
+    bands = t.filter(is_band).select(["band", "order", "id_key"])
     dups = _exact_duplicates([exact] if len(exact) else [])
     edges = _near_edges(chunks, _candidate_groups([bands] if len(bands) else []), rules)
     out = {"exact": storage.join(work, f"exact-{shard:05d}.parquet"),
@@ -126,7 +135,7 @@ def _exact_duplicates(parts: list[pa.Table]) -> pa.Table:
 
 
 def _candidate_groups(parts: list[pa.Table]) -> list[list[int]]:
-    """Orders (ascending) of each bucket holding two or more distinct ids."""
+    """Orders (ascending) of each bucket holding two or more distinct ids (id_key)."""
     if not parts:
         return []
     t = pa.concat_tables(parts).sort_by([("band", "ascending"), ("order", "ascending")])
@@ -135,7 +144,7 @@ def _candidate_groups(parts: list[pa.Table]) -> list[list[int]]:
     ends = np.r_[starts[1:], len(band)]
     groups = []
     for lo, hi in zip(starts[ends - starts >= 2], ends[ends - starts >= 2]):
-        orders, ids = t.column("order")[lo:hi].to_pylist(), t.column("id")[lo:hi].to_pylist()
+        orders, ids = t.column("order")[lo:hi].to_pylist(), t.column("id_key")[lo:hi].to_pylist()
         seen, members = set(), []
         for order, row_id in zip(orders, ids):
             if row_id not in seen:

@@ -16,26 +16,33 @@ ignores them.
    equal *key ranges* (range partitioning: range order = key order, so a shard is a run of
    consecutive ranges; hashing key mod N would scatter a shard's rank interval over every
    bucket).
-2. scatter (one Ray task per part; holds one part): hash the part's ids, write the part
-   ordered by key range to ``<data_dir>/.scatter/<layout>/part-NNNNN.parquet`` (one row
-   group per run of ``RANGES_PER_SHARD`` ranges) plus ``part-NNNNN.counts`` (rows per
-   non-empty range). A file's content depends only on its part and the layout, never on
-   scheduling. The driver sums the counts: O(key ranges) = O(shards) numbers.
+2. scatter (one Ray task per *scatter unit*: consecutive parts of at most
+   ``scatter_bytes`` stored bytes together, or one larger part; it holds its unit): hash
+   the unit's ids, write its rows ordered by key range to
+   ``<data_dir>/.scatter/<layout>/part-NNNNN.parquet`` (one row group per run of
+   ``RANGES_PER_SHARD`` ranges) plus ``part-NNNNN.counts`` (rows per non-empty range). A
+   file's content depends only on its unit and the layout, never on scheduling. The driver
+   sums the counts: O(key ranges) = O(shards) numbers.
 3. shard plan (driver): from the summed counts, each split's rows N_s give
    ceil(N_s / shard_rows) shards; shard k's rank interval maps to the key ranges it
    overlaps and an offset into the first one.
 4. gather (one Ray task per shard): read those ranges' row groups from every scatter
-   file, sort by (key, id) (stable, so exact duplicates keep part/row order), keep the
-   shard's slice, write the Parquet shard atomically (temp + rename).
+   file, sort by (key, id) (stable, so exact duplicates keep part/row order: units are
+   runs of consecutive parts), keep the shard's slice, write the Parquet shard atomically
+   (temp + rename).
 
 Shard sizes: exactly ``shard_rows`` rows, except the last shard of each split
-(1..shard_rows rows), as a global sort would give. Memory: a scatter task holds one part
-(tokenize's ``rows_per_task`` units); a gather task holds the rows of the key ranges its
+(1..shard_rows rows), as a global sort would give. Memory: a scatter task holds one unit
+(``scatter_bytes`` of stored parts, or one part); a gather task holds the rows of the key ranges its
 shard overlaps: a uniform hash puts about shard_rows / RANGES_PER_SHARD rows in each
 range, so about shard_rows * (1 + 2 / RANGES_PER_SHARD) rows (many rows sharing one id
 share one key and make one range larger). The driver holds O(parts + shards) state.
-Cost: every gather opens every scatter file (one footer + the row groups it needs), so a
-corpus with far more parts x shards than rows is better packed from fewer, larger parts.
+Cost: every gather opens every scatter file (one footer + the row groups it needs):
+(stored bytes / scatter_bytes) x shards opens, which is why scatter files are units of
+many small parts rather than one per part (tokenize writes parts of ``rows_per_task``
+rows: one per part made 10^6 opens of 1000-row-group files at 2M rows). The count still
+grows as rows^2 / (scatter_bytes x shard_rows): at the paper's scale raise both
+(RESULTS.md, growth).
 
 Views: parts written with ``tokenize.views_per_image`` K > 1 carry the view columns
 (pipelines.common.schema) into the shards unchanged; every part must have the same K, and
@@ -103,18 +110,21 @@ class PackConfig(StageOutput):
     compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
     compression_level: int | None = None    # null: the codec's default
     row_group_rows: int = 500               # readers stream a shard row group by row group
+    scatter_bytes: int = 128 * 2**20        # stored bytes of consecutive parts one scatter task reads
 
     def __post_init__(self):
         super().__post_init__()
         check(self.shard_rows >= 1, "pack.shard_rows: must be >= 1")
         check(0.0 <= self.val_fraction < 1.0, "pack.val_fraction: must be in [0, 1)")
         check(self.row_group_rows >= 1, "pack.row_group_rows: must be >= 1")
+        check(self.scatter_bytes >= 1, "pack.scatter_bytes: must be >= 1")
 
 
 @dataclass(frozen=True)
 class Inputs:
     """What the driver knows before reading any row: O(parts)."""
     parts: tuple[str, ...]
+    units: tuple[tuple[str, ...], ...]  # scatter units: runs of consecutive parts (scatter_bytes)
     rows: int                    # from the footers
     ranges: tuple[int, int]      # key ranges of train, val (multiples of RANGES_PER_SHARD)
     fingerprint: str             # parts' identities + tokenizers + params
@@ -158,6 +168,7 @@ def pack_shards(cfg: PackConfig, tokenized_dir: str, ray_cfg: RayConfig) -> dict
     return {"rows": manifest["rows"], "rows_by_modality": manifest["rows_by_modality"],
             "splits": manifest["splits"], "shards": shards, "shards_written": written,
             "shards_reused": shards - written, "parts": len(parts), "parts_scattered": scattered,
+            "scatter_files": len(inputs.units),
             "bytes": manifest["bytes"], "duplicate_ids": manifest["duplicate_ids"],
             "seconds": round(seconds, 2), "mb_per_s": round(manifest["bytes"] / 1e6 / max(seconds, 1e-9), 2)}
 
@@ -168,24 +179,40 @@ def plan_inputs(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Inputs:
     """Footers only: row counts, the fingerprint and the key-range layout (see the docstring)."""
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # object stores answer footers slowly
         infos = list(pool.map(_part_info, parts))
-    views = {k: path for path, (_, _, k) in zip(parts, infos)}
+    views = {k: path for path, (_, _, k, _) in zip(parts, infos)}
     if len(views) > 1:
         raise ValueError(f"tokenized parts with different views_per_image: {views} (K: an example part); "
                          "rerun tokenize so that every part has the same K")
-    rows = sum(n for n, _, _ in infos)
-    fp = hashlib.sha256(json.dumps([cfg.content_params(), tokenizers], sort_keys=True).encode())
-    for identity in (i for _, i, _ in infos):
+    rows = sum(info[0] for info in infos)
+    params = cfg.content_params()
+    del params["scatter_bytes"]  # only how the work is cut: the shards do not depend on it
+    fp = hashlib.sha256(json.dumps([params, tokenizers], sort_keys=True).encode())
+    for identity in (info[1] for info in infos):
         fp.update(identity.encode())
+    units = scatter_units(parts, [info[3] for info in infos], cfg.scatter_bytes)
     estimates = (rows * (1.0 - cfg.val_fraction), rows * cfg.val_fraction)
     ranges = tuple(RANGES_PER_SHARD * max(1, min(-(-int(e) // cfg.shard_rows), 2**24)) for e in estimates)
-    layout = hashlib.sha256(f"{fp.hexdigest()}\0{ranges}".encode()).hexdigest()[:16]
-    return Inputs(parts=tuple(parts), rows=rows, ranges=ranges, fingerprint=fp.hexdigest(),
+    layout = hashlib.sha256(f"{fp.hexdigest()}\0{ranges}\0{cfg.scatter_bytes}".encode()).hexdigest()[:16]
+    return Inputs(parts=tuple(parts), units=units, rows=rows, ranges=ranges, fingerprint=fp.hexdigest(),
                   scatter_dir=storage.join(cfg.data_dir, SCATTER, layout), views_per_image=next(iter(views)))
 
 
-def _part_info(path: str) -> tuple[int, str, int]:
-    """(rows, identity, views per image) of a part from its footer: identity = name, size and
-    the footer's bytes."""
+def scatter_units(parts: list[str], sizes: list[int], max_bytes: int) -> tuple[tuple[str, ...], ...]:
+    """Runs of consecutive parts of at most ``max_bytes`` stored bytes together (a larger part
+    alone)."""
+    units, unit, total = [], [], 0
+    for path, size in zip(parts, sizes):
+        if unit and total + size > max_bytes:
+            units.append(tuple(unit))
+            unit, total = [], 0
+        unit.append(path)
+        total += size
+    return tuple(units + [tuple(unit)] if unit else units)
+
+
+def _part_info(path: str) -> tuple[int, str, int, int]:
+    """(rows, identity, views per image, stored bytes) of a part from its footer: identity =
+    name, size and the footer's bytes."""
     fs, p = storage.filesystem(path)
     with fs.open_input_file(p) as f:
         size = f.size()
@@ -196,7 +223,7 @@ def _part_info(path: str) -> tuple[int, str, int]:
         pf = pq.ParquetFile(f)
         rows, views = pf.metadata.num_rows, views_of(pf.schema_arrow, path)
     rel = "/".join(path.rsplit("/", 2)[-2:])
-    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0", views
+    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0", views, size
 
 
 def shard_plan(cfg: PackConfig, inputs: Inputs, counts: np.ndarray) -> list[ShardSpec]:
@@ -231,7 +258,7 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, inputs: Inputs, done: dict) -
     remove_stale(cfg.data_dir, keep=set(done))
     write_partial(cfg.data_dir, inputs.fingerprint, split_shards, done)
     options = (cfg.compression, cfg.compression_level, cfg.row_group_rows)
-    jobs = {s: (inputs.scatter_dir, len(inputs.parts), s.first, s.last, s.offset, s.rows,
+    jobs = {s: (inputs.scatter_dir, len(inputs.units), s.first, s.last, s.offset, s.rows,
                 storage.join(cfg.data_dir, s.path), *options) for s in shards if s.path not in done}
     last_write = time.time()
     for n, (shard, entry) in enumerate(bounded_tasks(ray, remote(gather_shard), jobs, limit, timeout), start=1):
@@ -243,7 +270,8 @@ def _run(ray, cfg: PackConfig, ray_cfg: RayConfig, inputs: Inputs, done: dict) -
 
 
 def _scatter_all(ray, remote, cfg: PackConfig, inputs: Inputs, limit: int, timeout: float) -> tuple[np.ndarray, int]:
-    """Rows per global key range, summed over parts as their scatter tasks finish."""
+    """Rows per global key range, summed over scatter units as their tasks finish; and the
+    number of parts scattered (not reused)."""
     base = storage.join(cfg.data_dir, SCATTER)
     for stale in _subdirs(base):
         if stale != inputs.scatter_dir:
@@ -251,15 +279,15 @@ def _scatter_all(ray, remote, cfg: PackConfig, inputs: Inputs, limit: int, timeo
     counts = np.zeros(sum(inputs.ranges), np.int64)
     jobs = {}
     threshold = int(cfg.val_fraction * 2.0**64)
-    for j, path in enumerate(inputs.parts):
+    for j, unit in enumerate(inputs.units):
         out = scatter_path(inputs.scatter_dir, j)
         if storage.exists(out + ".counts") and storage.exists(out):  # .counts is written last
             _add_counts(counts, storage.read_bytes(out + ".counts"))
         else:
-            jobs[j] = (path, out, cfg.seed, threshold, inputs.ranges, inputs.views_per_image)
-    for _, sparse in bounded_tasks(ray, remote(scatter_part), jobs, limit, timeout):
+            jobs[j] = (unit, out, cfg.seed, threshold, inputs.ranges, inputs.views_per_image)
+    for _, sparse in bounded_tasks(ray, remote(scatter_unit), jobs, limit, timeout):
         _add_counts(counts, sparse)
-    return counts, len(jobs)
+    return counts, sum(len(job[0]) for job in jobs.values())
 
 
 def _subdirs(path: str) -> list[str]:
@@ -292,12 +320,15 @@ def route(ids: list[str], seed: int, threshold: int, ranges: tuple[int, int]) ->
     return key, (local + np.where(is_val, np.uint64(ranges[0]), np.uint64(0))).astype(np.int64)
 
 
-def scatter_part(path: str, out: str, seed: int, threshold: int, ranges: tuple[int, int],
+def scatter_unit(paths: tuple[str, ...], out: str, seed: int, threshold: int, ranges: tuple[int, int],
                  views_per_image: int = 1) -> bytes:
-    """Write one part ordered by key range (stable: rows keep part order inside a range), one
-    row group per RANGES_PER_SHARD ranges; returns its (range, rows) pairs, also saved beside."""
-    table = storage.read_parquet(path)
-    check_schema(table, path, views_per_image)
+    """Write a unit's parts as one file ordered by key range (stable: rows keep (part, row)
+    order inside a range), one row group per RANGES_PER_SHARD ranges; returns its (range,
+    rows) pairs, also saved beside."""
+    tables = [storage.read_parquet(path) for path in paths]
+    for path, part in zip(paths, tables):
+        check_schema(part, path, views_per_image)
+    table = pa.concat_tables(tables)
     key, rng = route(table.column("id").to_pylist(), seed, threshold, ranges)
     order = np.argsort(rng, kind="stable")
     rng = rng[order]
@@ -332,10 +363,10 @@ def read_ranges(path: str, first: int, last: int) -> pa.Table:
     return table.filter(keep)
 
 
-def gather_shard(scatter_dir: str, parts: int, first: int, last: int, offset: int, rows: int, out: str,
+def gather_shard(scatter_dir: str, files: int, first: int, last: int, offset: int, rows: int, out: str,
                  compression: str, compression_level: int | None, row_group_rows: int) -> dict:
-    """Assemble one shard from every scatter file (part order), sort, slice, write; returns its entry."""
-    table = pa.concat_tables([read_ranges(scatter_path(scatter_dir, j), first, last) for j in range(parts)])
+    """Assemble one shard from every scatter file (unit order), sort, slice, write; returns its entry."""
+    table = pa.concat_tables([read_ranges(scatter_path(scatter_dir, j), first, last) for j in range(files)])
     # stable: rows with the same key and id keep (part, row) order
     table = table.take(pc.sort_indices(table, [(KEY, "ascending"), ("id", "ascending")]))
     ids = table["id"]
