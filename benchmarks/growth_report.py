@@ -21,7 +21,7 @@ largest M (100x and 10x by default):
 
       clean     max(part_bytes, unit_bytes, dedup_shard_rows x DEDUP_ROW_BYTES)
       tokenize  rows_per_task (images: rounded up to batch_size) x ROW_BYTES
-      pack      shard_rows x ROW_BYTES
+      pack      max(shard_rows x ROW_BYTES, scatter_bytes)
 
   ROW_BYTES bounds one tokenized (= packed) row: the view's raw pixels 3 x S^2 (its PNG is
   no larger, give or take headers) + its codes 2 x (S / patch)^2 + 4 x max(max_text_tokens,
@@ -77,8 +77,9 @@ def allowances(configs: dict, vqkd_cfg) -> dict[str, tuple[int, str]]:
                   f"dedup_shard_rows {clean.dedup_shard_rows} x {DEDUP_ROW_BYTES} B = {mib(dedup)})"),
         "tokenize": (f * task_rows * row,
                      f"{f} x rows_per_task {task_rows} x {row} B per row = {mib(f * task_rows * row)}"),
-        "pack": (f * pack.shard_rows * row, f"{f} x shard_rows {pack.shard_rows} x {row} B per row = "
-                                            f"{mib(f * pack.shard_rows * row)}"),
+        "pack": (f * max(pack.shard_rows * row, pack.scatter_bytes),
+                 f"{f} x max(shard_rows {pack.shard_rows} x {row} B per row = {mib(pack.shard_rows * row)}, "
+                 f"scatter_bytes {mib(pack.scatter_bytes)})"),
     }
 
 

@@ -17,7 +17,8 @@ ignores them.
    consecutive ranges; hashing key mod N would scatter a shard's rank interval over every
    bucket).
 2. scatter (one Ray task per *scatter unit*: consecutive parts of at most
-   ``scatter_bytes`` stored bytes together, or one larger part; it holds its unit): hash
+   ``scatter_bytes`` decoded bytes together (their footers' uncompressed sizes), or one
+   larger part; it holds its unit): hash
    the unit's ids, write its rows ordered by key range to
    ``<data_dir>/.scatter/<layout>/part-NNNNN.parquet`` (one row group per run of
    ``RANGES_PER_SHARD`` ranges) plus ``part-NNNNN.counts`` (rows per non-empty range). A
@@ -33,12 +34,12 @@ ignores them.
 
 Shard sizes: exactly ``shard_rows`` rows, except the last shard of each split
 (1..shard_rows rows), as a global sort would give. Memory: a scatter task holds one unit
-(``scatter_bytes`` of stored parts, or one part); a gather task holds the rows of the key ranges its
+(``scatter_bytes`` of decoded parts, or one part); a gather task holds the rows of the key ranges its
 shard overlaps: a uniform hash puts about shard_rows / RANGES_PER_SHARD rows in each
 range, so about shard_rows * (1 + 2 / RANGES_PER_SHARD) rows (many rows sharing one id
 share one key and make one range larger). The driver holds O(parts + shards) state.
 Cost: every gather opens every scatter file (one footer + the row groups it needs):
-(stored bytes / scatter_bytes) x shards opens, which is why scatter files are units of
+(decoded bytes / scatter_bytes) x shards opens, which is why scatter files are units of
 many small parts rather than one per part (tokenize writes parts of ``rows_per_task``
 rows: one per part made 10^6 opens of 1000-row-group files at 2M rows). The count still
 grows as rows^2 / (scatter_bytes x shard_rows): at the paper's scale raise both
@@ -110,7 +111,7 @@ class PackConfig(StageOutput):
     compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
     compression_level: int | None = None    # null: the codec's default
     row_group_rows: int = 500               # readers stream a shard row group by row group
-    scatter_bytes: int = 128 * 2**20        # stored bytes of consecutive parts one scatter task reads
+    scatter_bytes: int = 128 * 2**20        # decoded bytes of consecutive parts one scatter task holds
 
     def __post_init__(self):
         super().__post_init__()
@@ -198,8 +199,8 @@ def plan_inputs(cfg: PackConfig, parts: list[str], tokenizers: dict) -> Inputs:
 
 
 def scatter_units(parts: list[str], sizes: list[int], max_bytes: int) -> tuple[tuple[str, ...], ...]:
-    """Runs of consecutive parts of at most ``max_bytes`` stored bytes together (a larger part
-    alone)."""
+    """Runs of consecutive parts of at most ``max_bytes`` decoded bytes together (a larger
+    part alone)."""
     units, unit, total = [], [], 0
     for path, size in zip(parts, sizes):
         if unit and total + size > max_bytes:
@@ -211,8 +212,8 @@ def scatter_units(parts: list[str], sizes: list[int], max_bytes: int) -> tuple[t
 
 
 def _part_info(path: str) -> tuple[int, str, int, int]:
-    """(rows, identity, views per image, stored bytes) of a part from its footer: identity =
-    name, size and the footer's bytes."""
+    """(rows, identity, views per image, decoded bytes) of a part from its footer: identity =
+    name, size and the footer's bytes; decoded = its row groups' uncompressed size."""
     fs, p = storage.filesystem(path)
     with fs.open_input_file(p) as f:
         size = f.size()
@@ -220,10 +221,11 @@ def _part_info(path: str) -> tuple[int, str, int, int]:
         footer_len = int.from_bytes(f.read(4), "little")
         f.seek(size - 8 - footer_len)
         footer = f.read(footer_len)
-        pf = pq.ParquetFile(f)
-        rows, views = pf.metadata.num_rows, views_of(pf.schema_arrow, path)
+        meta = pq.ParquetFile(f).metadata
+        rows, views = meta.num_rows, views_of(meta.schema.to_arrow_schema(), path)
+        decoded = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
     rel = "/".join(path.rsplit("/", 2)[-2:])
-    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0", views, size
+    return rows, f"{rel}\0{size}\0{hashlib.sha256(footer).hexdigest()}\0", views, decoded
 
 
 def shard_plan(cfg: PackConfig, inputs: Inputs, counts: np.ndarray) -> list[ShardSpec]:

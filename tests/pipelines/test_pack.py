@@ -172,6 +172,22 @@ def test_same_bytes_whatever_the_tasks_in_flight(ray_local, tokenized, tmp_path,
     assert shard_files(tmp_path / "wide") == shard_files(tmp_path / "serial")
 
 
+def test_same_bytes_whatever_the_scatter_units(ray_local, tokenized, tmp_path):
+    """pack.scatter_bytes only cuts the work: one part per scatter file, or all six parts in
+    one, give the same shards and manifest."""
+    from pipelines.pack import scatter_units
+
+    assert scatter_units(["a", "b", "c", "d"], [5, 5, 5, 20], 10) == (("a", "b"), ("c",), ("d",))
+    metrics = {}
+    for name, scatter_bytes in (("one_per_part", 1), ("one_for_all", 2**40)):
+        cfg = PackConfig(out_dir=str(tmp_path / name), shard_rows=16, val_fraction=0.2, seed=3,
+                         scatter_bytes=scatter_bytes)
+        metrics[name] = pack_shards(cfg, tokenized, RAY)
+    assert metrics["one_per_part"]["scatter_files"] == 6 and metrics["one_for_all"]["scatter_files"] == 1
+    assert metrics["one_per_part"]["parts_scattered"] == metrics["one_for_all"]["parts_scattered"] == 6
+    assert shard_files(tmp_path / "one_per_part") == shard_files(tmp_path / "one_for_all")
+
+
 def test_every_row_lands_once_even_duplicated_ids(ray_local, tmp_path):
     tokenized = tmp_path / "tok"
     write_tokenized_dir(tokenized, 40, 10, 10, parts=2)
