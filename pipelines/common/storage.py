@@ -8,6 +8,7 @@ itself (the object appears only when the upload completes).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -120,6 +121,28 @@ def write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     fs.create_dir(os.path.dirname(p), recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def output_stream(path: str):
+    """A writable stream that becomes ``path`` when the block ends without an error (locally a
+    temp name renamed then, so a killed writer leaves no partial ``path``; an object store
+    publishes the object on close). For writes too large to build in memory first."""
+    fs, p = filesystem(path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(os.path.dirname(p), recursive=True)
+        with fs.open_output_stream(p) as f:
+            yield f
+        return
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(path: str, obj) -> None:

@@ -101,6 +101,7 @@ KEY, RANGE = "__key", "__range"
 # Key ranges per (estimated) shard: more ranges mean less over-read per gather, more
 # row groups per scatter file.
 RANGES_PER_SHARD = 8
+TAKE_BYTES = 16 * 2**20  # scatter: sorted rows materialised at a time
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class PackConfig(StageOutput):
     compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
     compression_level: int | None = None    # null: the codec's default
     row_group_rows: int = 500               # readers stream a shard row group by row group
-    scatter_bytes: int = 128 * 2**20        # decoded bytes of consecutive parts one scatter task holds
+    scatter_bytes: int = 64 * 2**20         # decoded bytes of consecutive parts one scatter task holds
 
     def __post_init__(self):
         super().__post_init__()
@@ -326,26 +327,41 @@ def scatter_unit(paths: tuple[str, ...], out: str, seed: int, threshold: int, ra
                  views_per_image: int = 1) -> bytes:
     """Write a unit's parts as one file ordered by key range (stable: rows keep (part, row)
     order inside a range), one row group per RANGES_PER_SHARD ranges; returns its (range,
-    rows) pairs, also saved beside."""
-    tables = [storage.read_parquet(path) for path in paths]
-    for path, part in zip(paths, tables):
+    rows) pairs, also saved beside. Memory: the unit's rows once, plus one row group (ids are
+    hashed part by part; the sorted file is streamed out row group by row group)."""
+    tables, keys, rngs = [], [], []
+    for path in paths:
+        part = storage.read_parquet(path)
         check_schema(part, path, views_per_image)
+        key, rng = route(part.column("id").to_pylist(), seed, threshold, ranges)
+        tables.append(part.cast(shard_schema(views_per_image)))
+        keys.append(key)
+        rngs.append(rng)
     table = pa.concat_tables(tables)
-    key, rng = route(table.column("id").to_pylist(), seed, threshold, ranges)
-    order = np.argsort(rng, kind="stable")
-    rng = rng[order]
-    table = (table.cast(shard_schema(views_per_image)).take(pa.array(order))
-             .append_column(KEY, pa.array(key[order])).append_column(RANGE, pa.array(rng.astype(np.int32))))
+    order = np.argsort(np.concatenate(rngs), kind="stable")
+    key, rng = np.concatenate(keys)[order], np.concatenate(rngs)[order]
     block = rng // RANGES_PER_SHARD
     starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]]) if len(rng) else np.array([], np.int64)
-    sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, table.schema, compression="lz4", write_statistics=[RANGE]) as writer:
-        for a, b in zip(starts, np.r_[starts[1:], len(rng)]):
-            writer.write_table(table.slice(a, b - a), row_group_size=int(b - a))
-    storage.write_bytes(out, sink.getvalue(), durable=False)  # scratch: a lost file is redone
+    schema = table.schema.append(pa.field(KEY, pa.uint64())).append(pa.field(RANGE, pa.int32()))
+    ends = np.r_[starts[1:], len(rng)]
+    # sorted rows are taken a batch of row groups at a time (a take per row group is slow on a
+    # table of many parts' chunks), a batch about TAKE_BYTES
+    batch = max(1, int(TAKE_BYTES * len(rng) / max(table.nbytes, 1)))
+    with storage.output_stream(out) as f, \
+            pq.ParquetWriter(f, schema, compression="lz4", write_statistics=[RANGE]) as writer:
+        g = 0
+        while g < len(starts):
+            h = max(g + 1, int(np.searchsorted(ends, starts[g] + batch, side="right")))
+            a, b = int(starts[g]), int(ends[h - 1])
+            rows = table.take(pa.array(order[a:b])).append_column(KEY, pa.array(key[a:b], pa.uint64())) \
+                .append_column(RANGE, pa.array(rng[a:b].astype(np.int32)))
+            for k in range(g, h):
+                writer.write_table(rows.slice(int(starts[k]) - a, int(ends[k] - starts[k])),
+                                   row_group_size=int(ends[k] - starts[k]))
+            g = h
     uniq, n = np.unique(rng, return_counts=True)
     sparse = np.stack([uniq, n], axis=1).astype("<i8").tobytes()
-    storage.write_bytes(out + ".counts", sparse, durable=False)
+    storage.write_bytes(out + ".counts", sparse, durable=False)  # last: marks the file complete
     return sparse
 
 

@@ -24,6 +24,18 @@ def test_local_roundtrip_and_atomic_names(tmp_path):
     assert leftovers == []
 
 
+def test_an_output_stream_appears_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "s" / "out.bin")
+    with pytest.raises(RuntimeError):
+        with storage.output_stream(path) as f:
+            f.write(b"half")
+            raise RuntimeError("killed mid-write")
+    assert os.listdir(tmp_path / "s") == []  # neither the file nor its temp
+    with storage.output_stream(path) as f:
+        f.write(b"whole")
+    assert storage.read_bytes(path) == b"whole" and os.listdir(tmp_path / "s") == ["out.bin"]
+
+
 def test_parquet_bytes_are_deterministic(tmp_path):
     table = pa.table({"id": ["x"] * 100, "v": list(range(100))})
     a = storage.write_parquet(table, str(tmp_path / "a.parquet"))
