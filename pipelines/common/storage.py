@@ -105,22 +105,13 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically (temp name + rename locally). ``durable=False``
-    skips the fsync: for scratch files that a crashed run discards anyway."""
-    fs, p = filesystem(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, p)
-        return
-    fs.create_dir(os.path.dirname(p), recursive=True)
-    with fs.open_output_stream(p) as f:
+    """Write ``data`` to ``path`` atomically (:func:`output_stream`). ``durable=False`` skips
+    the fsync: for scratch files that a crashed run discards anyway."""
+    with output_stream(path) as f:
         f.write(data)
+        if durable and not isinstance(f, pa.NativeFile):  # a local file; an object store's close commits
+            f.flush()
+            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

@@ -338,8 +338,9 @@ def scatter_unit(paths: tuple[str, ...], out: str, seed: int, threshold: int, ra
         keys.append(key)
         rngs.append(rng)
     table = pa.concat_tables(tables)
-    order = np.argsort(np.concatenate(rngs), kind="stable")
-    key, rng = np.concatenate(keys)[order], np.concatenate(rngs)[order]
+    rng = np.concatenate(rngs)
+    order = np.argsort(rng, kind="stable")
+    key, rng = np.concatenate(keys)[order], rng[order]
     block = rng // RANGES_PER_SHARD
     starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]]) if len(rng) else np.array([], np.int64)
     schema = table.schema.append(pa.field(KEY, pa.uint64())).append(pa.field(RANGE, pa.int32()))
