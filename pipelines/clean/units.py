@@ -21,8 +21,8 @@ partitioned by shard), after the counting pass: ``ceil(rows / clean.dedup_shard_
 with the rows of plain txt/JSONL units counted exactly (the pass counts every plain text
 unit's newlines, not only the spans that need them: it reads at disk speed, and an
 estimate from bytes would put twice the rows in each shard of a corpus of short lines),
-Parquet spans' from their footers, and the rest (compressed text, tars) estimated from
-the planned bytes (:data:`BYTES_PER_ROW`); image files count one row each.
+and the rest (compressed text, Parquet, tars) estimated from the planned bytes
+(:data:`BYTES_PER_ROW`); image files count one row each.
 """
 from __future__ import annotations
 
@@ -89,16 +89,16 @@ def _source_files(source: SourceConfig) -> list[str]:
 def _file_units(source: SourceConfig, path: str, unit_bytes: int | None) -> list[Unit]:
     kind, size = storage.file_info(path)
     size = size or 0
-    whole = [Unit((path,), size=size * _expansion(source, path), lines=kind == pafs.FileType.File
-                  and _plain_text(source, path))]
+    plain = kind == pafs.FileType.File and _plain_text(source, path)
+    whole = [Unit((path,), size=size * _expansion(source, path), lines=plain)]
     if unit_bytes is None or size <= unit_bytes or kind != pafs.FileType.File:
         return whole
+    if plain:
+        n = math.ceil(size / unit_bytes)
+        return [Unit((path,), ByteSpan(k * size // n, (k + 1) * size // n), (k + 1) * size // n - k * size // n,
+                     lines=True) for k in range(n)]
     try:
         _confine(source, path, ReadLimits(0, 0))  # nothing outside the source is opened, even to plan
-        if source.format in TEXT_FORMATS and compression(path, source.format) == "plain":
-            n = math.ceil(size / unit_bytes)
-            return [Unit((path,), ByteSpan(k * size // n, (k + 1) * size // n), (k + 1) * size // n - k * size // n,
-                         lines=True) for k in range(n)]
         if source.format == "parquet":
             return _row_group_units(path, unit_bytes) or whole
     except (Reject, OSError, ValueError):  # its reader rejects it, as one unit
@@ -107,7 +107,8 @@ def _file_units(source: SourceConfig, path: str, unit_bytes: int | None) -> list
 
 
 def _plain_text(source: SourceConfig, path: str) -> bool:
-    """A plain txt/JSONL file inside its source: the counting pass counts its rows."""
+    """A plain txt/JSONL file inside its source (nothing outside it is opened, even to plan):
+    split into byte spans when large, and the counting pass counts its rows."""
     try:
         _confine(source, path, ReadLimits(0, 0))
         return source.format in TEXT_FORMATS and compression(path, source.format) == "plain"
