@@ -46,7 +46,9 @@ class VisualTokenizerConfig:
     preset: Literal["tiny", "official-base"] = "tiny"
     pretrained: str | None = None          # official BEiT v2 vqkd .pth: load it, skip training
     image_size: int = 96                   # tokenizer input size (official: 224)
-    teacher: Literal["hog", "vit", "clip"] = "hog"
+    n_codes: int | None = None             # codebook size when training; null: the preset's (a
+                                           # pretrained checkpoint brings its own; metrics record it)
+    teacher: Literal["hog_colour", "hog", "vit", "clip"] = "hog_colour"
     teacher_checkpoint: str | None = None  # vit / clip -> local file (model/vqkd/teachers.py formats)
     teacher_input_size: int | None = None  # a TorchScript teacher's image size
     # vit / clip input statistics: a name (model/vqkd/teachers.py NORM_STATS) or {mean, std};
@@ -76,10 +78,12 @@ class VisualTokenizerConfig:
         check(self.max_images >= 1, "visual_tokenizer.max_images: must be >= 1")
         check(self.num_threads >= 1 and self.num_gpus >= 0, "visual_tokenizer.num_threads/num_gpus")
         check(self.teacher_cache_mb >= 0, "visual_tokenizer.teacher_cache_mb: must be >= 0")
-        check(self.teacher == "hog" or bool(self.teacher_checkpoint),
+        pixels_only = self.teacher in ("hog_colour", "hog")
+        check(pixels_only or bool(self.teacher_checkpoint),
               f"visual_tokenizer.teacher_checkpoint: required when teacher is {self.teacher!r}")
-        check(self.teacher != "hog" or self.teacher_norm is None,
-              "visual_tokenizer.teacher_norm: must be null for teacher 'hog' (it reads raw pixels)")
+        check(not pixels_only or self.teacher_norm is None,
+              f"visual_tokenizer.teacher_norm: must be null for teacher {self.teacher!r} (it reads raw pixels)")
+        check(self.n_codes is None or self.n_codes >= 2, "visual_tokenizer.n_codes: must be >= 2 or null")
         try:
             self.teacher_norm_stats()
         except ValueError as err:
@@ -177,7 +181,8 @@ def _model_and_teacher(cfg: VisualTokenizerConfig):
         source = (io.BytesIO(storage.read_bytes(cfg.pretrained)) if storage.is_uri(cfg.pretrained)
                   else cfg.pretrained)
         return VQKD.from_official(source), None
-    base = vqkd_preset(cfg.preset, image_size=cfg.image_size)
+    sizes = {"n_codes": cfg.n_codes} if cfg.n_codes else {}
+    base = vqkd_preset(cfg.preset, image_size=cfg.image_size, **sizes)
     teacher = build_teacher(cfg.teacher, base.grid, base.patch_size, cfg.teacher_checkpoint,
                             cfg.teacher_input_size, cfg.teacher_norm_stats())
     return VQKD(dataclasses.replace(base, out_dim=teacher.dim)), teacher

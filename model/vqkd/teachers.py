@@ -5,7 +5,7 @@ Every teacher is a frozen module with
 for images x (B, 3, S, S) in [0, 1]; N is the tokenizer's patch grid (row-major)
 and ``teacher.dim`` is D. ``weights`` (optional) scale each patch's loss.
 
-- :class:`HOGTeacher` needs no weights at all (the demo default).
+- :class:`ColourHOGTeacher` (the demo default) and :class:`HOGTeacher` need no weights at all.
 - :class:`FrozenViTTeacher` runs a user-supplied frozen network from a local path: a
   timm/DINO ViT, a whole exported network (``vit``), or OpenAI CLIP's image tower
   (``clip``, BEiT v2's teacher; model/vqkd/clip.py).
@@ -71,18 +71,22 @@ class HOGTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, C, H, W = x.shape
-        if C != 3 or H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"HOGTeacher: expected (B, 3, H, W) with H, W multiples of "
-                             f"{self.patch_size}, got {tuple(x.shape)}")
-        hist = self._cell_histograms(x.float())  # (B, 3, bins, H/cell, W/cell)
-        c, gh, gw = self.cells, H // self.patch_size, W // self.patch_size
-        hist = hist.view(B, 3, self.bins, gh, c, gw, c).permute(0, 3, 5, 1, 4, 6, 2)
-        feats = hist.reshape(B, gh * gw, self.dim)  # (B, N, 3*c*c*bins)
+        feats = self._patch_histograms(x)  # (B, N, 3*c*c*bins)
         norm = feats.norm(dim=-1)  # (B, N)
         feats = feats / (norm.unsqueeze(-1) + 1e-6)
         weights = norm + self.floor  # per image: independent of the rest of the batch
         return feats, weights
+
+    def _patch_histograms(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> unnormalised descriptors (B, N, 3 * cells^2 * bins)."""
+        B, C, H, W = x.shape
+        if C != 3 or H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"{type(self).__name__}: expected (B, 3, H, W) with H, W multiples of "
+                             f"{self.patch_size}, got {tuple(x.shape)}")
+        hist = self._cell_histograms(x.float())  # (B, 3, bins, H/cell, W/cell)
+        c, gh, gw = self.cells, H // self.patch_size, W // self.patch_size
+        hist = hist.view(B, 3, self.bins, gh, c, gw, c).permute(0, 3, 5, 1, 4, 6, 2)
+        return hist.reshape(B, gh * gw, 3 * c * c * self.bins)
 
     def _cell_histograms(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -109,6 +113,34 @@ class HOGTeacher(nn.Module):
         hist += torch.bincount(((base + (lo + 1) % nb) * (ch * cw) + cell_id).reshape(-1),
                                (mag * frac).reshape(-1), minlength=size)
         return (hist / (cell * cell)).to(x.dtype).view(B, 3, nb, ch, cw)
+
+
+class ColourHOGTeacher(HOGTeacher):
+    """HOG plus each cell's mean colour, for every patch alike: the demo's default teacher.
+
+    Descriptor per patch: the colour-aware HOG histogram scaled by ``norm / (norm +
+    edge_scale)`` (so a strong edge gives a unit orientation pattern and a flat or faintly
+    noisy patch almost none), then the mean RGB of each of its cells minus 0.5. No per-patch
+    weights: a flat patch has a definite target (its colour). With the plain HOG teacher a flat
+    patch teaches nothing, so its code is whatever the encoder happens to give it, an arbitrary
+    function of grey level and noise that masked image modeling cannot predict from the
+    visible patches; on simple scenes most patches are flat.
+    """
+
+    def __init__(self, patch_size: int = 16, cells: int = 2, bins: int = 9, edge_scale: float = 5.0):
+        super().__init__(patch_size, cells, bins)
+        self.edge_scale = edge_scale
+        self.dim = 3 * cells * cells * (bins + 1)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        hist = self._patch_histograms(x)  # (B, N, 3*c*c*bins)
+        edges = hist / (hist.norm(dim=-1, keepdim=True) + self.edge_scale)
+        B, _, H, W = x.shape
+        c, gh, gw = self.cells, H // self.patch_size, W // self.patch_size
+        colour = F.avg_pool2d(x.float(), self.patch_size // c) - 0.5  # (B, 3, gh*c, gw*c)
+        colour = colour.view(B, 3, gh, c, gw, c).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, 3 * c * c)
+        return torch.cat([edges, colour.to(edges.dtype)], dim=-1), None
 
 
 class FrozenViTTeacher(nn.Module):
@@ -282,15 +314,15 @@ def _strip(key: str) -> str:
 
 def build_teacher(kind: str, grid: int, patch_size: int, checkpoint: str | None = None,
                   input_size: int | None = None, norm=None) -> nn.Module:
-    """``hog`` (no weights), ``vit`` or ``clip`` (``checkpoint`` = a local file, see
-    FrozenViTTeacher). ``norm``: a NORM_STATS name or (mean, std) for a network teacher;
-    None = the teacher's own (DEFAULT_NORM). HOG reads raw pixels and takes none."""
-    if kind == "hog":
+    """``hog_colour`` or ``hog`` (no weights), ``vit`` or ``clip`` (``checkpoint`` = a local file,
+    see FrozenViTTeacher). ``norm``: a NORM_STATS name or (mean, std) for a network teacher;
+    None = the teacher's own (DEFAULT_NORM). The HOG teachers read raw pixels and take none."""
+    if kind in PIXEL_TEACHERS:
         if norm is not None:
-            raise ValueError("teacher 'hog' reads raw pixels: it takes no normalisation")
-        return HOGTeacher(patch_size=patch_size)
+            raise ValueError(f"teacher {kind!r} reads raw pixels: it takes no normalisation")
+        return PIXEL_TEACHERS[kind](patch_size=patch_size)
     if kind not in DEFAULT_NORM:
-        raise ValueError(f"unknown teacher {kind!r}; choose 'hog', 'vit' or 'clip'")
+        raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(PIXEL_TEACHERS) + sorted(DEFAULT_NORM)}")
     if not checkpoint:
         raise ValueError(f"teacher {kind!r} needs a checkpoint path")
     mean, std = norm_stats(DEFAULT_NORM[kind] if norm is None else norm)
@@ -298,6 +330,10 @@ def build_teacher(kind: str, grid: int, patch_size: int, checkpoint: str | None 
     return load(checkpoint, grid=grid, input_size=input_size, mean=mean, std=std)
 
 
-__all__ = ["HOGTeacher", "FrozenViTTeacher", "vit_from_timm_state", "build_teacher", "norm_stats",
+# Teachers computed from the pixels alone (no checkpoint, no normalisation).
+PIXEL_TEACHERS = {"hog": HOGTeacher, "hog_colour": ColourHOGTeacher}
+
+
+__all__ = ["HOGTeacher", "ColourHOGTeacher", "PIXEL_TEACHERS", "FrozenViTTeacher", "vit_from_timm_state", "build_teacher", "norm_stats",
            "NORM_STATS", "DEFAULT_NORM", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN",
            "OPENAI_CLIP_STD"]

@@ -42,6 +42,7 @@ class RetrievalConfig:
     batch_size: int = 64
     lr: float = 2e-4        # backbone
     head_lr: float = 2e-4   # vision_head, language_head, logit_scale (freshly initialised)
+    lr_grid: tuple[float, ...] = ()  # backbone lrs to try (head_lr scaled alike); the lowest training loss is scored
     weight_decay: float = 0.05
     warmup_steps: int = 15
     drop_path: float = 0.0
@@ -51,6 +52,7 @@ class RetrievalConfig:
     def __post_init__(self):
         check(self.steps >= 1 and self.batch_size >= 2, "evaluate.retrieval: steps >= 1 and batch_size >= 2")
         check(self.lr > 0 and self.head_lr > 0, "evaluate.retrieval: lr and head_lr must be > 0")
+        check(all(lr > 0 for lr in self.lr_grid), "evaluate.retrieval.lr_grid: every lr must be > 0")
         check(0 <= self.drop_path < 1, "evaluate.retrieval.drop_path: must be in [0, 1)")
         check(self.max_text_len >= 3, "evaluate.retrieval.max_text_len: must be >= 3")
 
@@ -139,7 +141,7 @@ def retrieval_and_probe(cfg: EvaluateConfig, model_dir: str, tokenizer, device, 
     for name, make in backbones.items():
         metrics["probe"][name] = _probe(make().to(device), probe_data, cfg, device)
         print(f"evaluate: {name} probe top-1 {metrics['probe'][name]['top1']} ({time.time() - started:.0f} s)", flush=True)
-        metrics["retrieval"][name] = _retrieval(make().to(device), retrieval_data, cfg, tokenizer.pad_id, device)
+        metrics["retrieval"][name] = _retrieval(make, retrieval_data, cfg, tokenizer.pad_id, device)
         print(f"evaluate: {name} retrieval mean R@1 {metrics['retrieval'][name]['mean_r1']} "
               f"({time.time() - started:.0f} s)", flush=True)
     metrics["retrieval"]["data"] = {k: len(v.images) for k, v in retrieval_data.items()}
@@ -223,7 +225,8 @@ def _probe(backbone, data: dict, cfg: EvaluateConfig, device) -> dict:
                         steps=cfg.probe.steps, lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay, seed=cfg.seed)
 
 
-def _retrieval(backbone, data: dict, cfg: EvaluateConfig, pad_id: int, device) -> dict:
+def _retrieval(make_backbone, data: dict, cfg: EvaluateConfig, pad_id: int, device) -> dict:
     from pipelines.evaluate.retrieval import evaluate_retrieval
 
-    return evaluate_retrieval(backbone, data["train"], data["test"], cfg.retrieval, pad_id, cfg.seed, device)
+    return evaluate_retrieval(lambda: make_backbone().to(device), data["train"], data["test"], cfg.retrieval,
+                              pad_id, cfg.seed, device)

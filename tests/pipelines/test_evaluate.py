@@ -150,7 +150,8 @@ def test_evaluation_reads_images_a_batch_at_a_time(tiny_corpus, tiny_model, monk
     loads, load_images = [], eval_data.load_images
     monkeypatch.setattr(eval_data, "load_images", lambda paths, size: loads.append(len(paths)) or load_images(paths, size))
     backbone = random_init_backbone(tiny_model, 0)
-    evaluate_retrieval(backbone, data["train"], data["test"], cfg.retrieval, tokenizer.pad_id, 0, torch.device("cpu"))
+    evaluate_retrieval(lambda: backbone, data["train"], data["test"], cfg.retrieval, tokenizer.pad_id, 0,
+                       torch.device("cpu"))
     assert loads == [8] * cfg.retrieval.steps + [24]  # one batch per step, then the 24 test images
     loads.clear()
     feats = image_features(backbone, probe["train"][0], "mean", torch.device("cpu"), chunk=10)
@@ -158,3 +159,38 @@ def test_evaluation_reads_images_a_batch_at_a_time(tiny_corpus, tiny_model, monk
     with torch.no_grad():
         expected = backbone.encode(image=stacked)[:, 1:].mean(1)
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_retrieval_lr_grid_scores_only_the_run_with_the_lowest_training_loss(tiny_corpus, tiny_model, monkeypatch):
+    """evaluate.retrieval.lr_grid: one fine-tune per lr from the same fresh backbone; the test
+    images are read once, for the run whose training loss ended lowest (test never chooses)."""
+    import dataclasses
+
+    from model.text_tokenizer import TextTokenizer
+    from pipelines.common import eval_data
+    from pipelines.common.task_files import random_init_backbone
+    from pipelines.evaluate import _retrieval_data
+    from pipelines.evaluate.retrieval import evaluate_retrieval
+
+    cfg = eval_config(tiny_corpus)
+    retrieval = dataclasses.replace(cfg.retrieval, lr_grid=(1e-5, 3e-3))
+    tokenizer = TextTokenizer(tiny_corpus["text_tokenizer"])
+    data = _retrieval_data(retrieval, tokenizer, 32, os.path.abspath)
+    loads, load_images = [], eval_data.load_images
+    monkeypatch.setattr(eval_data, "load_images", lambda paths, size: loads.append(len(paths)) or load_images(paths, size))
+    made = []
+
+    def make():
+        made.append(random_init_backbone(tiny_model, 0))
+        return made[-1]
+
+    result = evaluate_retrieval(make, data["train"], data["test"], retrieval, tokenizer.pad_id, 0, torch.device("cpu"))
+    assert len(made) == 2 and made[0] is not made[1]
+    assert loads == [8] * retrieval.steps * 2 + [24]
+    grid = result["lr_grid_train_loss"]
+    assert set(grid) == {"1e-05", "0.003"} and result["lr"] == (1e-5 if grid["1e-05"] < grid["0.003"] else 3e-3)
+    assert result["final_train_loss"] == min(grid.values())
+    single = evaluate_retrieval(lambda: random_init_backbone(tiny_model, 0), data["train"], data["test"],
+                                dataclasses.replace(retrieval, lr_grid=(), lr=3e-3, head_lr=3e-3), tokenizer.pad_id, 0,
+                                torch.device("cpu"))
+    assert single["final_train_loss"] == grid["0.003"] and "lr_grid_train_loss" not in single

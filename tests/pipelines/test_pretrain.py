@@ -324,14 +324,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny_corpus, tmp_
     checkpoint by itself; the finished run's curve is the uninterrupted run's (the same loop
     run in this process, one thread like the Ray worker)."""
     # long enough that Ray Train's commit of an early checkpoint is seen well before the end
-    overrides = {"steps": 240, "checkpoint_every": 8, "max_failures": 2}
+    overrides = {"steps": 120, "checkpoint_every": 8, "max_failures": 2}
     cfg = build(PretrainConfig, tiny_pretrain_params(str(tmp_path / "killed"), **overrides), "pretrain")
     killer = _kill_a_train_worker_after(cfg.checkpoint_dir, step=8)
     summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
     killer["stop"].set()
     killer["thread"].join()
     assert killer.get("pid"), f"no train worker was killed; the watcher last saw {killer['seen']}"
-    assert summary["steps"] == 240 and 8 <= summary["resumed_from_step"] < 240
+    assert summary["steps"] == 120 and 8 <= summary["resumed_from_step"] < 120
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

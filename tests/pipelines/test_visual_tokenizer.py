@@ -70,12 +70,13 @@ def test_trains_saves_and_reports(tmp_path, ray_local):
     clean = write_clean_images(tmp_path / "clean", n_images=40, n_pairs=40)
     probe = write_probe_folder(tmp_path / "probe", {"train": 24, "val": 12})
     cfg = VisualTokenizerConfig(out_dir=str(tmp_path / "vt"), steps=30, warmup_steps=10, batch_size=16,
-                                holdout=20, probe_dir=probe, num_threads=1)
+                                holdout=20, probe_dir=probe, num_threads=1, n_codes=64)
     metrics = train_visual_tokenizer(cfg, clean, RAY)
 
     model = VQKD.load(cfg.out_dir)
     assert model.config.image_size == 96 and model.config.num_patches == 36
-    assert model.config.out_dim == 108  # sized to the HOG teacher
+    assert model.config.out_dim == 120  # sized to the colour HOG teacher: 3 x 2 x 2 x (9 bins + 1 colour)
+    assert model.config.n_codes == 64 == metrics["n_codes"]
     assert bool(model.quantize.embedding.initted)
     history = json.loads((tmp_path / "vt" / HISTORY_FILE).read_text())
     assert [h["step"] for h in history] == list(range(30))
@@ -150,8 +151,11 @@ def test_teacher_norm_params(tmp_path):
         cfg(**vit, teacher_norm={"mean": [0.5, 0.5, 0.5], "std": [0.0, 0.25, 0.25]})
     with pytest.raises(ParamsError, match="visual_tokenizer.teacher_norm"):
         cfg(**vit, teacher_norm="openai")
-    with pytest.raises(ParamsError, match="visual_tokenizer.teacher_norm: must be null for teacher 'hog'"):
-        cfg(teacher_norm="imagenet")
+    for pixels_only in ("hog_colour", "hog"):
+        with pytest.raises(ParamsError, match=f"visual_tokenizer.teacher_norm: must be null for teacher '{pixels_only}'"):
+            cfg(teacher=pixels_only, teacher_norm="imagenet")
+    with pytest.raises(ParamsError, match="visual_tokenizer.n_codes: must be >= 2"):
+        cfg(n_codes=1)
     with pytest.raises(ParamsError, match="visual_tokenizer.teacher_checkpoint: required when teacher is 'clip'"):
         cfg(teacher="clip")
 
