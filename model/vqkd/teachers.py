@@ -116,13 +116,15 @@ class HOGTeacher(nn.Module):
 
 
 class ColourHOGTeacher(HOGTeacher):
-    """HOG plus each cell's mean colour, for every patch alike: the demo's default teacher.
+    """Each cell's mean colour plus a HOG term, for every patch alike: the demo's default teacher.
 
-    Descriptor per patch: the colour-aware HOG histogram scaled by ``norm / (norm +
-    edge_scale)`` (so a strong edge gives a unit orientation pattern and a flat or faintly
-    noisy patch almost none), then the mean RGB of each of its cells minus 0.5. No per-patch
-    weights: a flat patch has a definite target (its colour). With the plain HOG teacher a flat
-    patch teaches nothing, so its code is whatever the encoder happens to give it, an arbitrary
+    Descriptor per patch: the colour-aware HOG histogram (per-pixel mean gradient magnitudes,
+    about 0.3 for a sharp edge) scaled by ``1 / (norm + edge_scale)``, then the mean RGB of
+    each of its cells minus 0.5. At the default edge_scale (5) the orientation term is a
+    twentieth of the colour term, so codes follow colours first and edges second; a smaller
+    edge_scale weights edges more (RESULTS.md: demo pretraining). No per-patch weights: a
+    flat patch has a definite target (its colour). With the plain HOG teacher a flat patch
+    teaches nothing, so its code is whatever the encoder happens to give it, an arbitrary
     function of grey level and noise that masked image modeling cannot predict from the
     visible patches; on simple scenes most patches are flat.
     """
