@@ -101,7 +101,7 @@ KEY, RANGE = "__key", "__range"
 # Key ranges per (estimated) shard: more ranges mean less over-read per gather, more
 # row groups per scatter file.
 RANGES_PER_SHARD = 8
-TAKE_BYTES = 16 * 2**20  # scatter: sorted rows materialised at a time
+SORT_BYTES = 8 * 2**20  # scatter: consecutive parts sorted together (fewer, larger slices per row group)
 
 
 @dataclass(frozen=True)
@@ -325,42 +325,47 @@ def route(ids: list[str], seed: int, threshold: int, ranges: tuple[int, int]) ->
 
 def scatter_unit(paths: tuple[str, ...], out: str, seed: int, threshold: int, ranges: tuple[int, int],
                  views_per_image: int = 1) -> bytes:
-    """Write a unit's parts as one file ordered by key range (stable: rows keep (part, row)
-    order inside a range), one row group per RANGES_PER_SHARD ranges; returns its (range,
-    rows) pairs, also saved beside. Memory: the unit's rows once, plus one row group (ids are
-    hashed part by part; the sorted file is streamed out row group by row group)."""
-    tables, keys, rngs = [], [], []
+    """Write a unit's parts as one file, one row group per block of RANGES_PER_SHARD key
+    ranges (blocks ascending; inside a block the groups of consecutive parts in unit order,
+    each group's rows in stable key-range order); returns its (range, rows) pairs, also saved
+    beside. Gather sorts a shard by (key, id) stably, so only which rows share a row group
+    matters, and rows with equal key and id keep (part, row) order. Memory: the unit's rows
+    once, plus one group of about SORT_BYTES. Each group is sorted on its own (a take on one
+    chunk) and row groups are zero-copy slices of the sorted groups: a take across many
+    parts' chunks would first concatenate whole columns."""
+    parts, rngs, pending = [], [], []
+
+    def sort_pending() -> None:  # one group of consecutive parts, as one chunk, by key range
+        table = pa.concat_tables(pending).combine_chunks()
+        pending.clear()
+        key, rng = route(table.column("id").to_pylist(), seed, threshold, ranges)
+        order = np.argsort(rng, kind="stable")
+        parts.append(table.take(pa.array(order)).append_column(KEY, pa.array(key[order], pa.uint64()))
+                     .append_column(RANGE, pa.array(rng[order].astype(np.int32))))
+        rngs.append(rng[order])
+
     for path in paths:
         part = storage.read_parquet(path)
         check_schema(part, path, views_per_image)
-        key, rng = route(part.column("id").to_pylist(), seed, threshold, ranges)
-        tables.append(part.cast(shard_schema(views_per_image)))
-        keys.append(key)
-        rngs.append(rng)
-    table = pa.concat_tables(tables)
-    rng = np.concatenate(rngs)
-    order = np.argsort(rng, kind="stable")
-    key, rng = np.concatenate(keys)[order], rng[order]
-    block = rng // RANGES_PER_SHARD
-    starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]]) if len(rng) else np.array([], np.int64)
-    schema = table.schema.append(pa.field(KEY, pa.uint64())).append(pa.field(RANGE, pa.int32()))
-    ends = np.r_[starts[1:], len(rng)]
-    # sorted rows are taken a batch of row groups at a time (a take per row group is slow on a
-    # table of many parts' chunks), a batch about TAKE_BYTES
-    batch = max(1, int(TAKE_BYTES * len(rng) / max(table.nbytes, 1)))
+        pending.append(part.cast(shard_schema(views_per_image)))
+        if sum(t.nbytes for t in pending) >= SORT_BYTES:
+            sort_pending()
+    if pending:
+        sort_pending()
+    all_ranges = np.concatenate(rngs) if rngs else np.array([], np.int64)
+    blocks = [rng // RANGES_PER_SHARD for rng in rngs]
+    every_block = np.unique(all_ranges // RANGES_PER_SHARD)
+    bounds = [np.searchsorted(b, every_block, side="left") for b in blocks]
+    ends = [np.searchsorted(b, every_block, side="right") for b in blocks]
+    schema = shard_schema(views_per_image).append(pa.field(KEY, pa.uint64())).append(pa.field(RANGE, pa.int32()))
     with storage.output_stream(out) as f, \
             pq.ParquetWriter(f, schema, compression="lz4", write_statistics=[RANGE]) as writer:
-        g = 0
-        while g < len(starts):
-            h = max(g + 1, int(np.searchsorted(ends, starts[g] + batch, side="right")))
-            a, b = int(starts[g]), int(ends[h - 1])
-            rows = table.take(pa.array(order[a:b])).append_column(KEY, pa.array(key[a:b], pa.uint64())) \
-                .append_column(RANGE, pa.array(rng[a:b].astype(np.int32)))
-            for k in range(g, h):
-                writer.write_table(rows.slice(int(starts[k]) - a, int(ends[k] - starts[k])),
-                                   row_group_size=int(ends[k] - starts[k]))
-            g = h
-    uniq, n = np.unique(rng, return_counts=True)
+        for g in range(len(every_block)):
+            pieces = [part.slice(int(lo[g]), int(hi[g] - lo[g])) for part, lo, hi in zip(parts, bounds, ends)
+                      if hi[g] > lo[g]]
+            rows = pa.concat_tables(pieces)
+            writer.write_table(rows, row_group_size=rows.num_rows)
+    uniq, n = np.unique(all_ranges, return_counts=True)
     sparse = np.stack([uniq, n], axis=1).astype("<i8").tobytes()
     storage.write_bytes(out + ".counts", sparse, durable=False)  # last: marks the file complete
     return sparse

@@ -190,16 +190,21 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_train_like_one(tiny_corpus, tmp_path, ray_local):
-    results = {}
-    for workers in (1, 2):
-        params = tiny_pretrain_params(str(tmp_path / f"w{workers}"), num_workers=workers, steps=10)
-        cfg = build(PretrainConfig, params, "pretrain")
-        summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
-        assert summary["steps"] == 10 and summary["num_workers"] == workers
-        results[workers] = read_csv(cfg.plots_path)
-        assert {"config.json", "model.safetensors", "heads.safetensors", "task.json",
-                "beit3_official.pth"} <= set(os.listdir(cfg.out_dir))
-    one, two = torch.tensor(curve(results[1])), torch.tensor(curve(results[2]))
+    """Ray Train with two workers against the same loop run with one worker in this process
+    (one thread, like a Ray worker; a one-worker Ray run is the end-to-end tests' `dvc repro`)."""
+    params = tiny_pretrain_params(str(tmp_path / "w2"), num_workers=2, steps=10)
+    cfg = build(PretrainConfig, params, "pretrain")
+    summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
+    assert summary["steps"] == 10 and summary["num_workers"] == 2
+    assert {"config.json", "model.safetensors", "heads.safetensors", "task.json",
+            "beit3_official.pth"} <= set(os.listdir(cfg.out_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single, _ = train_in_process(tiny_job(tiny_corpus, str(tmp_path / "w1"), steps=10))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = torch.tensor(curve(single.history)), torch.tensor(curve(read_csv(cfg.plots_path)))
     assert one.shape == two.shape == (10, 1 + len(LOSS_KEYS))
     # Step 1: same initial weights, samples and masks; only the sums' order differs.
     assert torch.allclose(one[0], two[0], rtol=1e-5)
@@ -324,14 +329,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny_corpus, tmp_
     checkpoint by itself; the finished run's curve is the uninterrupted run's (the same loop
     run in this process, one thread like the Ray worker)."""
     # long enough that Ray Train's commit of an early checkpoint is seen well before the end
-    overrides = {"steps": 120, "checkpoint_every": 8, "max_failures": 2}
+    overrides = {"steps": 64, "checkpoint_every": 8, "max_failures": 2}
     cfg = build(PretrainConfig, tiny_pretrain_params(str(tmp_path / "killed"), **overrides), "pretrain")
     killer = _kill_a_train_worker_after(cfg.checkpoint_dir, step=8)
     summary = run_pretraining(cfg, tiny_corpus["shards"], tiny_corpus["text_tokenizer"], RayConfig())
     killer["stop"].set()
     killer["thread"].join()
     assert killer.get("pid"), f"no train worker was killed; the watcher last saw {killer['seen']}"
-    assert summary["steps"] == 120 and 8 <= summary["resumed_from_step"] < 120
+    assert summary["steps"] == 64 and 8 <= summary["resumed_from_step"] < 64
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
