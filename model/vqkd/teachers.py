@@ -83,10 +83,16 @@ class HOGTeacher(nn.Module):
         if C != 3 or H % self.patch_size or W % self.patch_size:
             raise ValueError(f"{type(self).__name__}: expected (B, 3, H, W) with H, W multiples of "
                              f"{self.patch_size}, got {tuple(x.shape)}")
-        hist = self._cell_histograms(x.float())  # (B, 3, bins, H/cell, W/cell)
-        c, gh, gw = self.cells, H // self.patch_size, W // self.patch_size
-        hist = hist.view(B, 3, self.bins, gh, c, gw, c).permute(0, 3, 5, 1, 4, 6, 2)
-        return hist.reshape(B, gh * gw, 3 * c * c * self.bins)
+        return self._per_patch(self._cell_histograms(x.float()))  # from (B, 3, bins, H/cell, W/cell)
+
+    def _per_patch(self, cells: torch.Tensor) -> torch.Tensor:
+        """Per-cell values (B, 3, F, H/cell, W/cell) -> one row per patch (B, N, 3 * cells^2 * F),
+        ordered channel, cell row, cell column, value."""
+        B, C, F_, ch, cw = cells.shape
+        c = self.cells
+        gh, gw = ch // c, cw // c
+        patches = cells.view(B, C, F_, gh, c, gw, c).permute(0, 3, 5, 1, 4, 6, 2)
+        return patches.reshape(B, gh * gw, C * c * c * F_)
 
     def _cell_histograms(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -138,10 +144,8 @@ class ColourHOGTeacher(HOGTeacher):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         hist = self._patch_histograms(x)  # (B, N, 3*c*c*bins)
         edges = hist / (hist.norm(dim=-1, keepdim=True) + self.edge_scale)
-        B, _, H, W = x.shape
-        c, gh, gw = self.cells, H // self.patch_size, W // self.patch_size
-        colour = F.avg_pool2d(x.float(), self.patch_size // c) - 0.5  # (B, 3, gh*c, gw*c)
-        colour = colour.view(B, 3, gh, c, gw, c).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, 3 * c * c)
+        colour = F.avg_pool2d(x.float(), self.patch_size // self.cells) - 0.5  # (B, 3, H/cell, W/cell)
+        colour = self._per_patch(colour.unsqueeze(2))  # (B, N, 3*c*c)
         return torch.cat([edges, colour.to(edges.dtype)], dim=-1), None
 
 

@@ -340,9 +340,9 @@ def scatter_unit(paths: tuple[str, ...], out: str, seed: int, threshold: int, ra
         pending.clear()
         key, rng = route(table.column("id").to_pylist(), seed, threshold, ranges)
         order = np.argsort(rng, kind="stable")
-        parts.append(table.take(pa.array(order)).append_column(KEY, pa.array(key[order], pa.uint64()))
-                     .append_column(RANGE, pa.array(rng[order].astype(np.int32))))
         rngs.append(rng[order])
+        parts.append(table.take(pa.array(order)).append_column(KEY, pa.array(key[order], pa.uint64()))
+                     .append_column(RANGE, pa.array(rngs[-1].astype(np.int32))))
 
     for path in paths:
         part = storage.read_parquet(path)
