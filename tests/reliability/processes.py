@@ -17,20 +17,21 @@ import psutil
 from pipelines.common import storage
 from tests.project import project_env
 
-# Pauses a stage for ever right after its N-th storage.write_bytes, counted over the
-# driver and its Ray workers (pause_hook/sitecustomize.py), the count kept in a marker file:
-# the kill then lands at an exact point of the output phase.
+# Pauses a stage for ever right after its N-th storage.write_bytes into its output, counted
+# over the driver and its Ray workers (pause_hook/sitecustomize.py), the count kept in a marker
+# file and the pause flagged in ``<marker>.paused``: the kill then lands at an exact point of
+# the output phase.
 PAUSE_HOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pause_hook")
 
 
 def start_stage(project: str, stage: str, log_path: str, pause_after_write: int | None = None,
-                marker: str | None = None) -> subprocess.Popen:
+                marker: str | None = None, out_dir: str | None = None) -> subprocess.Popen:
     """``python -m stages.<stage>`` in a new session, paused after its ``pause_after_write``-th
-    file write when given."""
+    file write into ``out_dir`` when given."""
     env = project_env()
     if pause_after_write is not None:
         env["PYTHONPATH"] = os.pathsep.join([PAUSE_HOOK, project, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env["RELIABILITY_PAUSE_AFTER_WRITE"] = f"{pause_after_write}:{marker}"
+        env["RELIABILITY_PAUSE_AFTER_WRITE"] = f"{pause_after_write}:{marker}:{out_dir}"
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env,
                                 start_new_session=True, stdout=log, stderr=subprocess.STDOUT)

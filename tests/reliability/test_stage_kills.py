@@ -8,8 +8,9 @@ stand-in with different bytes serves as well as a real run with other params. Ea
 is killed twice, once with each signal, at two kinds of random point (which signal gets
 which kind is drawn too, so every pairing comes up across runs):
 
-1. at an exact point of the output phase: the stage is paused right after its k-th file
-   write (k drawn at random among the reference output's files), then killed;
+1. at an exact point of the output phase: the stage is paused right after its k-th write
+   into its output (k drawn at random among the reference output's files; work folders and
+   metrics are not counted), then killed;
 2. at a random moment of a plain run (uniform over the stage's reference duration).
 
 After each kill out_dir must be the previous output, absent, or the complete new output
@@ -84,8 +85,8 @@ def test_killed_stage_shows_old_or_no_output_then_rerun_matches(tiny_template, t
     k = rng.randint(1, len(expected))
     marker = str(tmp_path / "writes")
     context = f"{stage} {at_write.name} after write {k} of {len(expected)} (RELIABILITY_KILL_SEED={SEED})"
-    proc = start_stage(project, stage, log, pause_after_write=k, marker=marker)
-    reached = wait_for(lambda: _read(marker) == str(k), proc, timeout=600)
+    proc = start_stage(project, stage, log, pause_after_write=k, marker=marker, out_dir=out)
+    reached = wait_for(lambda: _read(marker + ".paused") == str(k), proc, timeout=300)
     assert reached, f"{context}: never reached that write\n{log_tail(log)}"
     outcome = kill(proc, at_write)
     state = visible_state(out, previous, expected, context)
