@@ -4,7 +4,7 @@
 
 Writes synthetic tokenized parts (tokenize's 2048-row units of 12-28-token texts), plans the
 first scatter unit as pack does (pack.scatter_bytes of decoded bytes) and runs
-pipelines.pack.scatter_unit on it in a fresh process, reporting the process's peak RSS above
+pipelines.pack.tasks.scatter_unit on it in a fresh process, reporting the process's peak RSS above
 its RSS just before the call (libraries imported). RESULTS.md, "Growth to 100x", has figures.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pipelines.common.schema import shard_table
 MEASURE = """
 import json, resource, sys
 import pyarrow.parquet  # noqa: F401  (loaded before the baseline, as in a warm Ray worker)
-from pipelines import pack
+from pipelines.pack import tasks
 paths, out, ranges = json.loads(sys.argv[1])
-pack.scatter_unit(tuple(paths[:1]), out + ".warm", 0, 2**60, tuple(ranges))  # first-use allocations
+tasks.scatter_unit(tuple(paths[:1]), out + ".warm", 0, 2**60, tuple(ranges))  # first-use allocations
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-pack.scatter_unit(tuple(paths), out, 0, 2**60, tuple(ranges))
+tasks.scatter_unit(tuple(paths), out, 0, 2**60, tuple(ranges))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"base_mib": base / 1024, "peak_mib": peak / 1024}))
 """

@@ -237,6 +237,7 @@ def test_driver_holds_no_per_row_plan(ray_local, tmp_path, monkeypatch):
     """Structural: the driver never reads or hashes a row, and its plan (inputs, key-range
     counts, shard specs) has the same size for 8x the rows in as many parts and shards."""
     from pipelines import pack
+    from pipelines.pack import tasks
 
     def refuse(*args, **kwargs):
         raise AssertionError("the driver read or hashed rows")
@@ -250,7 +251,7 @@ def test_driver_holds_no_per_row_plan(ray_local, tmp_path, monkeypatch):
         return shards
 
     monkeypatch.setattr(pack, "shard_plan", spy)
-    monkeypatch.setattr(pack, "route", refuse)  # workers import their own, unpatched module
+    monkeypatch.setattr(tasks, "route", refuse)  # workers import their own, unpatched module
     monkeypatch.setattr(storage, "read_parquet", refuse)
     for scale in (1, 8):
         root = tmp_path / f"tok{scale}"
