@@ -66,7 +66,7 @@ from model.text_tokenizer import MODEL_FILE, TextTokenizer
 from pipelines.common import storage
 from pipelines.common.augment import AugmentConfig, augmented_views
 from pipelines.common.configs import check
-from pipelines.common.ray_session import RayConfig, ray_session
+from pipelines.common.ray_session import RayConfig, ray_session, release_freed_heap
 from pipelines.common.remote_outputs import StageOutput
 from pipelines.common.schema import MODALITIES, TOKENIZERS, VIEW_COLUMNS, shard_table
 
@@ -239,9 +239,14 @@ class PartTokenizer:
         self.vqkd = None  # loaded on the first image unit: text-only actors never pay for it
 
     def __call__(self, batch: dict) -> dict:
-        job = {k: batch[k][0] for k in batch}
-        kind, path = str(job["kind"]), str(job["path"])
         start = time.time()
+        stats = self.tokenize_unit({k: batch[k][0] for k in batch})
+        release_freed_heap()  # the unit is gone: keep the actor's peak flat over many units
+        return {k: [v] for k, v in {**stats, "seconds": time.time() - start, "pid": os.getpid()}.items()}
+
+    def tokenize_unit(self, job: dict) -> dict:
+        """Read the unit's rows, tokenize, write its file; returns its stats."""
+        kind, path = str(job["kind"]), str(job["path"])
         table = read_rows(path, COLUMNS[kind], int(job["start"]), int(job["stop"]))
         if kind == "text":
             rows, stats = self.texts(table)
@@ -253,7 +258,7 @@ class PartTokenizer:
         table = shard_table(rows, self.cfg.views_per_image)  # K > 1: its metadata records K; keep it
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: record.encode()})
         storage.write_parquet(table, str(job["out"]))
-        return {k: [v] for k, v in {**stats, "seconds": time.time() - start, "pid": os.getpid()}.items()}
+        return stats
 
     def texts(self, table: pa.Table) -> tuple[dict, dict]:
         ids, sources = table["id"].to_pylist(), table["source"].to_pylist()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -123,3 +124,27 @@ def bounded_tasks(ray, task, jobs: dict, limit: int, timeout_s: float, fetch: bo
             raise TimeoutError(f"no Ray task finished in {timeout_s} s ({len(pending)} running, {len(queue)} "
                                "queued); raise ray.no_progress_timeout_s if tasks are this slow")
         yield pending.pop(ready[0]), ray.get(ready[0]) if fetch else ready[0]
+
+
+def release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A long-lived Ray worker that decodes, tokenizes and encodes unit after unit fragments
+    glibc's arenas: its resident memory creeps up with the number of units although it holds
+    none of them, so its peak would grow with the corpus (RESULTS.md, growth). Dask's workers
+    trim the same way. Call it between units, once the unit's objects are gone."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
