@@ -245,20 +245,27 @@ class PartTokenizer:
         return {k: [v] for k, v in {**stats, "seconds": time.time() - start, "pid": os.getpid()}.items()}
 
     def tokenize_unit(self, job: dict) -> dict:
-        """Read the unit's rows, tokenize, write its file; returns its stats."""
-        kind, path = str(job["kind"]), str(job["path"])
-        table = read_rows(path, COLUMNS[kind], int(job["start"]), int(job["stop"]))
-        if kind == "text":
-            rows, stats = self.texts(table)
-        else:
-            rows, stats = self.images(table, path, with_captions=kind == "pair")
+        """Read the unit's rows, tokenize, write its file; returns its stats. Memory: each copy
+        of an image unit (its input rows, the output rows as Python objects, as Arrow, as
+        Parquet) is tens of MB, so each is dropped as soon as the next exists."""
+        kind = str(job["kind"])
+        rows, stats = self.tokenize_rows(kind, str(job["path"]), int(job["start"]), int(job["stop"]))
         stats = {"kind": kind, **dict.fromkeys(STAT_KEYS, 0), **stats, "rows_out": len(rows["id"])}
         # the unit's own record: rerun skips it when the fingerprint matches, metrics reuse stats
         record = json.dumps({"fingerprint": str(job["fingerprint"]), "stats": stats}, sort_keys=True)
         table = shard_table(rows, self.cfg.views_per_image)  # K > 1: its metadata records K; keep it
+        del rows
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: record.encode()})
         storage.write_parquet(table, str(job["out"]))
         return stats
+
+    def tokenize_rows(self, kind: str, path: str, start: int, stop: int) -> tuple[dict, dict]:
+        """Rows [start, stop) of a cleaned part -> (output rows, stats); the input table is
+        freed on return."""
+        table = read_rows(path, COLUMNS[kind], start, stop)
+        if kind == "text":
+            return self.texts(table)
+        return self.images(table, path, with_captions=kind == "pair")
 
     def texts(self, table: pa.Table) -> tuple[dict, dict]:
         ids, sources = table["id"].to_pylist(), table["source"].to_pylist()

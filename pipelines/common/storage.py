@@ -144,17 +144,22 @@ def read_json(path: str):
     return json.loads(read_bytes(path))
 
 
-def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> bytes:
-    """Write ``table`` atomically as Parquet; returns the file's bytes (for hashing).
-
-    Written to memory first so the bytes are deterministic for the same table
-    and can be hashed without reading the file back.
-    """
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression, write_statistics=True)
-    data = sink.getvalue().to_pybytes()
+def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> pa.Buffer:
+    """Write ``table`` atomically as Parquet; returns the file's bytes (for hashing)."""
+    data = parquet_bytes(table, compression)
     write_bytes(path, data)
     return data
+
+
+def parquet_bytes(table: pa.Table, compression: str = "zstd", compression_level: int | None = None,
+                  row_group_rows: int | None = None) -> pa.Buffer:
+    """Serialize in memory, so the bytes are deterministic for the same table and options and
+    can be hashed without reading the file back; an Arrow buffer, not a ``bytes`` copy (an
+    image unit's file is tens of MB)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression, compression_level=compression_level,
+                   row_group_size=row_group_rows, write_statistics=True)
+    return sink.getvalue()
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:

@@ -115,17 +115,8 @@ def gather_shard(scatter_dir: str, files: int, first: int, last: int, offset: in
 def write_shard(table: pa.Table, out: str, compression: str, compression_level: int | None,
                 row_group_rows: int) -> dict:
     """Write one shard atomically; returns its manifest entry."""
-    data = parquet_bytes(table, compression, compression_level, row_group_rows)
+    data = storage.parquet_bytes(table, compression, compression_level, row_group_rows)
     storage.write_bytes(out, data)
     counts = dict(zip(*np.unique(table["modality"].to_numpy(zero_copy_only=False), return_counts=True)))
     return {"rows": table.num_rows, "rows_by_modality": {m: int(counts.get(m, 0)) for m in MODALITIES},
             "bytes": len(data), "sha256": storage.sha256(data)}
-
-
-def parquet_bytes(table: pa.Table, compression: str, compression_level: int | None,
-                  row_group_rows: int) -> pa.Buffer:
-    """Serialize in memory (no copy to ``bytes``): the same table and options give the same bytes."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression, compression_level=compression_level,
-                   row_group_size=row_group_rows, write_statistics=True)
-    return sink.getvalue()
