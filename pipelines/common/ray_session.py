@@ -127,12 +127,17 @@ def bounded_tasks(ray, task, jobs: dict, limit: int, timeout_s: float, fetch: bo
 
 
 def release_freed_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+    """Hand freed memory back to the OS: Arrow's pool (mimalloc by default keeps ~100 MB of
+    an image unit's pages) and the C heap (glibc's ``malloc_trim``; skipped elsewhere).
 
-    A long-lived Ray worker that decodes, tokenizes and encodes unit after unit fragments
-    glibc's arenas: its resident memory creeps up with the number of units although it holds
-    none of them, so its peak would grow with the corpus (RESULTS.md, growth). Dask's workers
-    trim the same way. Call it between units, once the unit's objects are gone."""
+    A long-lived Ray worker that decodes, tokenizes and encodes unit after unit otherwise
+    keeps what its allocators cached and fragmented: its resident memory creeps up with the
+    number of units although it holds none of them, so its peak would grow with the corpus
+    (RESULTS.md, growth). Dask's workers trim the same way. Call it between units, once the
+    unit's objects are gone."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
