@@ -11,7 +11,8 @@ _SPEC = os.environ.get("RELIABILITY_PAUSE_AFTER_WRITE")
 
 
 def _is_output(path: str, out_dir: str) -> bool:
-    rest = os.path.abspath(path)[len(out_dir):] if os.path.abspath(path).startswith(out_dir) else ""
+    path = os.path.abspath(path)
+    rest = path[len(out_dir):] if path.startswith(out_dir) else ""
     if rest.startswith(os.sep):
         return True
     return rest.startswith(".tmp-") and not rest.split(os.sep, 1)[0].endswith("-work")
