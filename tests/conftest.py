@@ -94,3 +94,20 @@ def tiny_repro(request, tiny_template, tmp_path_factory):
     git_commit(root, "first run")
     print(f"tiny demo `dvc repro` stage times (s): {durations}")
     return DemoRun(root, durations, read_lock(root))
+
+
+# The tests that read the session's tiny `dvc repro` (tiny_repro, second_data_run) run on one
+# pytest-xdist worker, so that repro runs once; they go first because together they are the
+# longest chain of the session, and the other workers take the rest meanwhile. tryfirst:
+# xdist's own hook reads the xdist_group marks into the node ids.
+TINY_DEMO_FIXTURES = ("tiny_repro", "second_data_run")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    shares_tiny_demo = [any(name in item.fixturenames for name in TINY_DEMO_FIXTURES) for item in items]
+    for item, shared in zip(items, shares_tiny_demo):
+        if shared:
+            item.add_marker(pytest.mark.xdist_group("tiny_demo"))
+    items[:] = [item for item, shared in zip(items, shares_tiny_demo) if shared] + \
+               [item for item, shared in zip(items, shares_tiny_demo) if not shared]
