@@ -27,7 +27,7 @@ from pipelines.common.augment import AugmentConfig, augmented_views
 from pipelines.common.schema import shard_table
 from pipelines.demo_data import encode_image
 from pipelines.demo_data.scenes import render_scene
-from pipelines.tokenize import _png
+from pipelines.tokenize.actor import _png
 
 
 def view_pngs(data: bytes, sample_id: str, size: int, views: int) -> tuple[list[bytes], float]:
