@@ -88,6 +88,7 @@ def tiny_repro(request, tiny_template, tmp_path_factory):
     runs once a session). Read its outputs; clone the root to change anything."""
     from tests.project import DemoRun, clone, git_commit, read_lock, repro_timed
 
+    _check_tiny_demo_group(request)
     root = clone(tiny_template, str(tmp_path_factory.mktemp("demo") / "run"))
     # tokenize: the first stage after those the kill tests time (test_stage_kills.OUT_DIR)
     durations = repro_timed(root, on_stage={"tokenize": _second_data_run_starter(request)})
@@ -111,3 +112,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("tiny_demo"))
     items[:] = [item for item, shared in zip(items, shares_tiny_demo) if shared] + \
                [item for item, shared in zip(items, shares_tiny_demo) if not shared]
+
+
+def _check_tiny_demo_group(request) -> None:
+    """Under pytest-xdist's loadgroup every tiny-demo test must carry the group in its node id,
+    else xdist spreads them and each worker runs the tiny repro again (minutes of CI)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        return
+    stray = [item.nodeid for item in request.session.items
+             if any(name in item.fixturenames for name in TINY_DEMO_FIXTURES) and not item.nodeid.endswith("@tiny_demo")]
+    if stray:
+        pytest.fail(f"pytest-xdist did not group {stray} (pytest {pytest.__version__}): see pyproject's pytest pin")
