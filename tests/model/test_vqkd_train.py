@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from model.vqkd.train import (
     train_vqkd,
 )
 from model.vqkd.vit import ViT
+from tests.model.clip_reference import CLIP_MEAN, CLIP_STD, OPENAI_MEAN, OPENAI_STD, random_clip
 
 torch.set_num_threads(1)  # a second thread stalls badly on shared cores; these runs are small
 
@@ -202,88 +202,6 @@ def test_vit_teacher_from_a_whole_network_trains(tmp_path, fmt):
     with pytest.raises(ValueError, match="teacher dim"):
         train_vqkd(VQKD(vqkd_preset("tiny", image_size=32)), teacher, random_batches(8, 32, 4),
                    VQKDTrainConfig(steps=2, warmup_steps=1))
-
-
-# OpenAI's published CLIP preprocessing statistics, typed out independently of the code under test.
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-CLIP_MEAN, CLIP_STD = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-
-
-class RefQuickGELU(torch.nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class RefResidualAttentionBlock(torch.nn.Module):
-    """clip/model.py's block: nn.MultiheadAttention on (T, B, D), QuickGELU MLP."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(width, heads)
-        self.ln_1 = torch.nn.LayerNorm(width)
-        self.mlp = torch.nn.Sequential(OrderedDict([("c_fc", torch.nn.Linear(width, width * 4)),
-                                                    ("gelu", RefQuickGELU()),
-                                                    ("c_proj", torch.nn.Linear(width * 4, width))]))
-        self.ln_2 = torch.nn.LayerNorm(width)
-
-    def forward(self, x):
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class RefTransformer(torch.nn.Module):
-    def __init__(self, width, layers, heads):
-        super().__init__()
-        self.resblocks = torch.nn.Sequential(*[RefResidualAttentionBlock(width, heads) for _ in range(layers)])
-
-    def forward(self, x):
-        return self.resblocks(x)
-
-
-class RefClipVisual(torch.nn.Module):
-    """A minimal clip.model.VisionTransformer (same parameter names and layout) whose
-    forward returns BEiT v2's targets: ln_post(patch tokens) @ proj."""
-
-    def __init__(self, resolution=32, patch=8, width=128, layers=2, heads=2, output_dim=24):
-        super().__init__()
-        scale = width ** -0.5
-        self.conv1 = torch.nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
-        self.class_embedding = torch.nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = torch.nn.Parameter(scale * torch.randn((resolution // patch) ** 2 + 1, width))
-        self.ln_pre = torch.nn.LayerNorm(width)
-        self.transformer = RefTransformer(width, layers, heads)
-        self.ln_post = torch.nn.LayerNorm(width)
-        self.proj = torch.nn.Parameter(scale * torch.randn(width, output_dim))
-
-    def forward(self, x):
-        x = self.conv1(x).reshape(x.shape[0], self.conv1.out_channels, -1).permute(0, 2, 1)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD
-        return self.ln_post(x[:, 1:, :]) @ self.proj
-
-
-class RefClip(torch.nn.Module):  # a whole CLIP: `visual.` image tower beside text-tower weights
-    def __init__(self):
-        super().__init__()
-        self.visual = RefClipVisual()
-        self.transformer = RefTransformer(32, 1, 1)  # the text tower's names, unprefixed
-        self.token_embedding = torch.nn.Embedding(10, 32)
-        self.logit_scale = torch.nn.Parameter(torch.ones([]))
-
-    def forward(self, x):
-        return self.visual(x)
-
-
-def random_clip(seed=0) -> RefClip:
-    torch.manual_seed(seed)
-    clip = RefClip().eval()
-    with torch.no_grad():  # non-trivial norms and biases, so every loaded tensor matters
-        for name, p in clip.named_parameters():
-            if p.ndim == 1 and name != "visual.class_embedding":
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-    return clip
 
 
 @pytest.mark.parametrize("layout", ["visual", "full_clip", "torchscript"])
