@@ -69,11 +69,7 @@ from pipelines.common.schema import MODALITIES, TOKENIZERS
 METADATA_KEY = b"beit3.tokenize"
 STAT_KEYS = ("rows_in", "rows_out", "text_tokens", "chunked_docs", "empty_texts", "truncated_captions", "images")
 VISUAL_FILES = ("config.json", "model.safetensors")
-COLUMNS = {"text": ["id", "text", "source"], "image": ["id", "image", "source"],
-           "pair": ["id", "image", "source", "caption"]}  # what each kind's unit reads of its part
 PNG_STRATEGY = 3   # zlib Z_RLE (see the module docstring); part of every unit's fingerprint
-READ_BATCH = 256        # rows per record batch when reading a unit (also how rows before it are skipped)
-READ_BUFFER = 1 << 20   # Parquet pages stream through this buffer: a huge row group is never read whole
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ from pipelines.common import storage
 from pipelines.common.augment import augmented_views
 from pipelines.common.ray_session import release_freed_heap
 from pipelines.common.schema import VIEW_COLUMNS, shard_table
-from pipelines.tokenize import COLUMNS, METADATA_KEY, PNG_STRATEGY, READ_BATCH, READ_BUFFER, STAT_KEYS, TokenizeConfig
+from pipelines.tokenize import METADATA_KEY, PNG_STRATEGY, STAT_KEYS, TokenizeConfig
+
+COLUMNS = {"text": ["id", "text", "source"], "image": ["id", "image", "source"],
+           "pair": ["id", "image", "source", "caption"]}  # what each kind's unit reads of its part
+READ_BATCH = 256        # rows per record batch when reading a unit (also how rows before it are skipped)
+READ_BUFFER = 1 << 20   # Parquet pages stream through this buffer: a huge row group is never read whole
 
 
 class PartTokenizer:
