@@ -104,14 +104,16 @@ def tiny_repro(request, tiny_template, tmp_path_factory):
 TINY_DEMO_FIXTURES = ("tiny_repro", "second_data_run")
 
 
+def _shares_tiny_demo(item) -> bool:
+    return any(name in item.fixturenames for name in TINY_DEMO_FIXTURES)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    shares_tiny_demo = [any(name in item.fixturenames for name in TINY_DEMO_FIXTURES) for item in items]
-    for item, shared in zip(items, shares_tiny_demo):
-        if shared:
+    for item in items:
+        if _shares_tiny_demo(item):
             item.add_marker(pytest.mark.xdist_group("tiny_demo"))
-    items[:] = [item for item, shared in zip(items, shares_tiny_demo) if shared] + \
-               [item for item, shared in zip(items, shares_tiny_demo) if not shared]
+    items.sort(key=lambda item: not _shares_tiny_demo(item))  # stable: each half keeps its order
 
 
 def _check_tiny_demo_group(request) -> None:
@@ -120,6 +122,6 @@ def _check_tiny_demo_group(request) -> None:
     if not getattr(request.config.option, "loadgroup", False):
         return
     stray = [item.nodeid for item in request.session.items
-             if any(name in item.fixturenames for name in TINY_DEMO_FIXTURES) and not item.nodeid.endswith("@tiny_demo")]
+             if _shares_tiny_demo(item) and not item.nodeid.endswith("@tiny_demo")]
     if stray:
         pytest.fail(f"pytest-xdist did not group {stray} (pytest {pytest.__version__}): see pyproject's pytest pin")
