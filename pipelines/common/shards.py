@@ -22,14 +22,18 @@ class ShardIndex:
     paths: tuple[str, ...]
     counts: dict[str, tuple[int, ...]]  # modality -> rows per shard, aligned with paths
     views_per_image: int = 1            # K stored views per image row (manifest; schema.VIEW_LAYOUT)
+    checksums: tuple[str, ...] = ()     # each shard's sha256 from the manifest, aligned with paths
 
     def total(self, modality: str) -> int:
         return sum(self.counts[modality])
 
     def digest(self) -> str:
-        """Identifies the data of a run (shard names and counts)."""
+        """Identifies the data of a run: shard names, counts and contents. Names and counts
+        alone stay the same when the shards are rebuilt with another visual tokenizer, and a
+        rerun would then resume the old run's checkpoint instead of training on the new codes."""
         key = (tuple(p.rsplit("/", 1)[-1] for p in self.paths), sorted(self.counts.items()))
-        text = repr(key if self.views_per_image == 1 else (*key, self.views_per_image))
+        key = key if self.views_per_image == 1 else (*key, self.views_per_image)
+        text = repr(key if not self.checksums else (*key, self.checksums))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -54,6 +58,7 @@ def split_index(shards_dir: str, split: str, manifest: dict | None = None) -> Sh
     if not entries:
         raise ValueError(f"{shards_dir}/manifest.json lists no {split!r} shards")
     paths, counts = [], {m: [] for m in MODALITIES}
+    checksums = tuple(e.get("sha256", "") for e in entries)
     for entry in entries:
         path = storage.join(shards_dir, entry["path"])
         known = entry.get("rows_by_modality")
@@ -63,7 +68,8 @@ def split_index(shards_dir: str, split: str, manifest: dict | None = None) -> Sh
         paths.append(path)
         for m in MODALITIES:
             counts[m].append(int(known.get(m, 0)))
-    return ShardIndex(tuple(paths), {m: tuple(c) for m, c in counts.items()}, int(manifest.get("views_per_image", 1)))
+    return ShardIndex(tuple(paths), {m: tuple(c) for m, c in counts.items()},
+                      int(manifest.get("views_per_image", 1)), checksums if any(checksums) else ())
 
 
 class ShardRowReader:

@@ -5,19 +5,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import shutil
 import signal
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from model.safe_load import UnsafeCheckpointError
+from pipelines.common import storage
 from pipelines.common.configs import ParamsError, build
 from pipelines.common.ray_session import RayConfig
 from pipelines.common.train_csv import read_csv
 from pipelines.pretrain import PretrainConfig, run_pretraining
 from pipelines.pretrain.loop import lr_at
 from tests.pipelines.pretrain_fixtures import (  # noqa: F401  (tiny_corpus is a fixture)
+    VISUAL_CODES,
     tiny_corpus,
     tiny_job,
     tiny_pretrain_params,
@@ -65,6 +70,23 @@ def test_run_name_follows_the_trajectory_not_the_runtime(tiny_corpus, tmp_path):
     base = tiny_job(tiny_corpus, str(tmp_path))["run_name"]
     assert tiny_job(tiny_corpus, str(tmp_path), num_workers=2, log_every=5)["run_name"] == base
     assert tiny_job(tiny_corpus, str(tmp_path), lr=5e-4)["run_name"] != base
+
+
+def test_run_name_changes_when_the_shards_are_rebuilt_with_other_codes(tiny_corpus, tmp_path):
+    """Same shard names and row counts, other contents (the shards of a retrained visual
+    tokenizer): a new run, never a resume of the old run's finished checkpoint."""
+    shards = shutil.copytree(tiny_corpus["shards"], tmp_path / "shards")
+    manifest = storage.read_json(str(shards / "manifest.json"))
+    entry = manifest["shards"][0]
+    path = str(shards / entry["path"])
+    table = pq.read_table(path)
+    codes = [c and [(x + 1) % VISUAL_CODES for x in c] for c in table.column("visual_tokens").to_pylist()]
+    column = table.schema.get_field_index("visual_tokens")
+    table = table.set_column(column, table.schema.field(column), pa.array(codes, table.schema.field(column).type))
+    entry["sha256"] = storage.sha256(storage.write_parquet(table, path))
+    storage.write_json(str(shards / "manifest.json"), manifest)
+    rebuilt = tiny_job({**tiny_corpus, "shards": str(shards)}, str(tmp_path))["run_name"]
+    assert rebuilt != tiny_job(tiny_corpus, str(tmp_path))["run_name"]
 
 
 # ----------------------------------------------------------------------------- the loop in-process
