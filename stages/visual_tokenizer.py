@@ -7,7 +7,8 @@ from pipelines.visual_tokenizer import train_visual_tokenizer
 
 def main() -> None:
     params = load_params(stage="visual_tokenizer")
-    metrics = train_visual_tokenizer(params.visual_tokenizer, params.clean.data_dir, params.ray)
+    metrics = train_visual_tokenizer(params.visual_tokenizer, params.clean.data_dir, params.ray,
+                                     params.text_tokenizer.out_dir)
     write_metrics("visual_tokenizer", metrics)
 
 

@@ -94,6 +94,37 @@ def test_trains_saves_and_reports(tmp_path, ray_local):
     assert torch.equal(VQKD.load(cfg.out_dir).codes(x), model.codes(x))
 
 
+def write_caption_tokenizer(root, clean: str) -> str:
+    """A sentencepiece model trained by the text_tokenizer stage's code on the pairs' captions."""
+    from model.text_tokenizer import TextTokenizer
+    from pipelines.text_tokenizer import TextTokenizerConfig, train_model, write_tokenizer
+
+    model_bytes, _ = train_model(TextTokenizerConfig(out_dir=str(root), vocab_size=48),
+                                 [(f"{clean}/pair/part-00000.parquet", "caption")])
+    write_tokenizer(str(root), model_bytes, TextTokenizer.from_bytes(model_bytes))
+    return str(root)
+
+
+def test_corpus_clip_teacher_trains_on_the_pairs_and_is_versioned(tmp_path, ray_local):
+    clean = write_clean_images(tmp_path / "clean", n_images=8, n_pairs=40)
+    tokenizer = write_caption_tokenizer(tmp_path / "tok", clean)
+    cfg = build(VisualTokenizerConfig, {
+        "out_dir": str(tmp_path / "vt"), "teacher": "corpus_clip", "steps": 12, "warmup_steps": 4,
+        "batch_size": 16, "holdout": 8, "probe_dir": None, "n_codes": 16,
+        "corpus_clip": {"steps": 6, "warmup_steps": 2, "batch_size": 16, "width": 32}}, "visual_tokenizer")
+    metrics = train_visual_tokenizer(cfg, clean, RAY, tokenizer)
+    assert metrics["teacher"] == "corpus_clip" and metrics["corpus_clip_pairs"] == 40
+    assert metrics["corpus_clip_final_loss"] > 0
+    assert VQKD.load(cfg.out_dir).config.out_dim == 32  # the teacher's width
+    teacher = json.loads((tmp_path / "vt" / "teacher.json").read_text())
+    assert teacher["kind"] == "corpus_clip" and teacher["mean"] == list(OPENAI_MEAN)
+    weights = (tmp_path / "vt" / "teacher.safetensors").read_bytes()
+    train_visual_tokenizer(cfg, clean, RAY, tokenizer)  # same data, params, seed: the same teacher
+    assert (tmp_path / "vt" / "teacher.safetensors").read_bytes() == weights
+    with pytest.raises(ValueError, match="corpus_clip needs the text tokenizer"):
+        train_visual_tokenizer(cfg, clean, RAY)
+
+
 def test_pretrained_checkpoint_skips_training(tmp_path, ray_local):
     clean = write_clean_images(tmp_path / "clean", n_images=6, n_pairs=0)
     official = small_model(decoder_depth=3)  # 64 px official layout
@@ -158,13 +189,17 @@ def test_teacher_norm_params(tmp_path):
         cfg(n_codes=1)
     with pytest.raises(ParamsError, match="visual_tokenizer.teacher_checkpoint: required when teacher is 'clip'"):
         cfg(teacher="clip")
+    assert cfg(teacher="corpus_clip").corpus_clip.steps > 0  # trained from the pairs: no checkpoint
+    with pytest.raises(ParamsError, match="visual_tokenizer.corpus_clip.*max_caption_tokens"):
+        cfg(teacher="corpus_clip", corpus_clip={"max_caption_tokens": 2})
 
 
 def test_clip_teacher_sizes_the_tokenizer(tmp_path):
     torch.save(random_clip().state_dict(), tmp_path / "clip.pt")  # 32 px, patch 8, 24-d targets
     cfg = build(VisualTokenizerConfig, {"out_dir": "unused", "image_size": 32, "teacher": "clip",
                                         "teacher_checkpoint": str(tmp_path / "clip.pt")}, "visual_tokenizer")
-    model, teacher = _model_and_teacher(cfg)
+    model, teacher, files, _ = _model_and_teacher(cfg, [], None, torch.device("cpu"))
+    assert files == {}  # a loaded teacher is the user's file, not an output
     assert model.config.out_dim == teacher.dim == 24
     assert torch.allclose(teacher.mean.flatten(), torch.tensor(OPENAI_MEAN))  # clip's own statistics
     feats, _ = teacher(torch.rand(2, 3, 32, 32))

@@ -8,6 +8,10 @@ If ``probe_dir`` holds an ImageFolder (``train``/``val`` splits, e.g. the demo's
 shape classes), a linear probe on per-image code histograms shows whether the
 codes carry image content.
 
+Teacher ``corpus_clip`` first trains a small CLIP on the cleaned image-caption pairs
+(captions encoded by the text_tokenizer stage's model) and distils its patch features
+(corpus_teacher.py): BEiT v2's recipe where no released CLIP can be loaded.
+
 With ``pretrained`` set (a released BEiT v2 ``vqkd_*.pth``, local or URI) no
 training happens: the checkpoint is converted and evaluated the same way.
 Training and evaluation run in one Ray task (``num_gpus`` > 0 puts it on a GPU).
@@ -26,6 +30,7 @@ from typing import Iterator, Literal
 
 import torch
 
+from model.vqkd.corpus_clip import CorpusClipTrainConfig
 from pipelines.common import storage
 from pipelines.common.configs import ParamsError, check
 from pipelines.common.ray_session import RayConfig, ray_session
@@ -48,11 +53,12 @@ class VisualTokenizerConfig:
     image_size: int = 96                   # tokenizer input size (official: 224)
     n_codes: int | None = None             # codebook size when training; null: the preset's (a
                                            # pretrained checkpoint brings its own; metrics record it)
-    teacher: Literal["hog_colour", "hog", "vit", "clip"] = "hog_colour"
+    teacher: Literal["hog_colour", "hog", "vit", "clip", "corpus_clip"] = "hog_colour"
     teacher_checkpoint: str | None = None  # vit / clip -> local file (model/vqkd/teachers.py formats)
+    corpus_clip: CorpusClipTrainConfig = CorpusClipTrainConfig()  # teacher corpus_clip's training
     teacher_input_size: int | None = None  # a TorchScript teacher's image size
-    # vit / clip input statistics: a name (model/vqkd/teachers.py NORM_STATS) or {mean, std};
-    # null: the teacher's own (vit: imagenet, clip: openai_clip)
+    # vit / clip / corpus_clip input statistics: a name (model/vqkd/teachers.py NORM_STATS) or
+    # {mean, std}; null: the teacher's own (vit: imagenet, clip and corpus_clip: openai_clip)
     teacher_norm: Literal["imagenet", "openai_clip"] | TeacherNorm | None = None
     steps: int = 600
     batch_size: int = 64
@@ -79,7 +85,7 @@ class VisualTokenizerConfig:
         check(self.num_threads >= 1 and self.num_gpus >= 0, "visual_tokenizer.num_threads/num_gpus")
         check(self.teacher_cache_mb >= 0, "visual_tokenizer.teacher_cache_mb: must be >= 0")
         pixels_only = self.teacher in ("hog_colour", "hog")
-        check(pixels_only or bool(self.teacher_checkpoint),
+        check(pixels_only or self.teacher == "corpus_clip" or bool(self.teacher_checkpoint),
               f"visual_tokenizer.teacher_checkpoint: required when teacher is {self.teacher!r}")
         check(not pixels_only or self.teacher_norm is None,
               f"visual_tokenizer.teacher_norm: must be null for teacher {self.teacher!r} (it reads raw pixels)")
@@ -99,8 +105,10 @@ class VisualTokenizerConfig:
         return norm_stats(norm if isinstance(norm, str) else (norm.mean, norm.std))
 
 
-def train_visual_tokenizer(cfg: VisualTokenizerConfig, clean_dir: str, ray_cfg: RayConfig) -> dict:
-    """Train (or load) the tokenizer into ``cfg.out_dir``; returns the stage metrics."""
+def train_visual_tokenizer(cfg: VisualTokenizerConfig, clean_dir: str, ray_cfg: RayConfig,
+                           text_tokenizer_dir: str | None = None) -> dict:
+    """Train (or load) the tokenizer into ``cfg.out_dir``; returns the stage metrics.
+    ``text_tokenizer_dir`` encodes the captions for teacher ``corpus_clip``."""
     start = time.time()
     parts = image_parts(clean_dir)
     if not parts:
@@ -108,7 +116,7 @@ def train_visual_tokenizer(cfg: VisualTokenizerConfig, clean_dir: str, ray_cfg: 
     with ray_session(ray_cfg) as ray:
         task = ray.remote(num_cpus=min(ray_cfg.cpus_per_task * cfg.num_threads, 64),
                           num_gpus=cfg.num_gpus)(build_tokenizer)
-        files, history, metrics = ray.get(task.remote(cfg, parts))
+        files, history, metrics = ray.get(task.remote(cfg, parts, text_tokenizer_dir))
     staging = storage.staging_dir(cfg.out_dir)  # swapped in whole: no new weights beside an old config
     for name, data in files.items():  # weights first, config.json last (readers key on it)
         storage.write_bytes(storage.join(staging, name), data)
@@ -122,14 +130,15 @@ def image_parts(clean_dir: str) -> list[str]:
             for p in storage.list_files(storage.join(clean_dir, kind), ".parquet")]
 
 
-def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict, list, dict]:
+def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str],
+                    text_tokenizer_dir: str | None = None) -> tuple[dict, list, dict]:
     """Ray task: read images, train or load, evaluate -> (files, history, metrics)."""
     from model.vqkd.train import VQKDTrainConfig, precompute_targets, train_vqkd
 
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)  # the model's initial weights: same params, same tokenizer
     device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-    model, teacher = _model_and_teacher(cfg)
+    model, teacher, teacher_files, teacher_metrics = _model_and_teacher(cfg, parts, text_tokenizer_dir, device)
     size = model.config.image_size
     if cfg.pretrained and size != cfg.image_size:
         raise ValueError(f"visual_tokenizer.image_size is {cfg.image_size} but {cfg.pretrained} "
@@ -141,7 +150,7 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
     history, metrics = [], {"trained": not cfg.pretrained, "preset": cfg.preset,
                             "image_size": size, "n_codes": model.config.n_codes,
                             "num_images": len(images), "undecodable_images": undecodable,
-                            "num_holdout_images": len(holdout), "device": str(device)}
+                            "num_holdout_images": len(holdout), "device": str(device), **teacher_metrics}
     if not cfg.pretrained:
         if len(train) == 0:
             raise ValueError("visual_tokenizer: need at least 2 decodable images to train")
@@ -152,7 +161,7 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
         cached = len(train) * c.num_patches * c.out_dim * 2 <= cfg.teacher_cache_mb * 2**20
         targets = precompute_targets(teacher.to(device), train.to(device)) if cached else None
         history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed, targets),
-                             train_cfg, on_step=_progress(cfg.steps))
+                             train_cfg, on_step=progress(cfg.steps))
         tail = history[-min(20, len(history)):]
         metrics.update(
             num_train_images=len(train), steps=cfg.steps, teacher=cfg.teacher, teacher_cached=cached,
@@ -160,32 +169,41 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str]) -> tuple[dict,
             train_cpu_seconds=round(time.process_time() - cpu0, 2),
             final_rec_loss=round(sum(h["rec_loss"] for h in tail) / len(tail), 4))
     metrics.update(evaluate_codes(model, holdout, cfg))
-    return model.serialize(), [_rounded(h) for h in history], metrics
+    return {**teacher_files, **model.serialize()}, [_rounded(h) for h in history], metrics
 
 
-def _progress(steps: int, every: int = 50):
+def progress(steps: int, label: str = "visual_tokenizer", every: int = 50):
+    """on_step callback printing every ``every`` steps: loss, batch code use, seconds when logged."""
     def report(log: dict) -> None:
         if log["step"] % every == 0 or log["step"] == steps - 1:
             used = f", batch codes used {log['utilisation']:.2f}" if "utilisation" in log else ""
-            print(f"visual_tokenizer step {log['step'] + 1}/{steps}: loss {log['loss']:.4f}{used}, "
-                  f"{log['seconds']:.0f} s", flush=True)
+            took = f", {log['seconds']:.0f} s" if "seconds" in log else ""
+            print(f"{label} step {log['step'] + 1}/{steps}: loss {log['loss']:.4f}{used}{took}", flush=True)
     return report
 
 
-def _model_and_teacher(cfg: VisualTokenizerConfig):
-    """(official VQKD, None) with ``pretrained``; else (fresh preset VQKD sized to the teacher, teacher)."""
+def _model_and_teacher(cfg: VisualTokenizerConfig, parts: list[str], text_tokenizer_dir: str | None, device):
+    """(model, teacher, teacher's files, teacher's metrics): the official VQKD and no teacher
+    with ``pretrained``; else a fresh preset VQKD sized to the teacher, and the teacher."""
     from model.vqkd import VQKD, vqkd_preset
     from model.vqkd.teachers import build_teacher
 
     if cfg.pretrained:
         source = (io.BytesIO(storage.read_bytes(cfg.pretrained)) if storage.is_uri(cfg.pretrained)
                   else cfg.pretrained)
-        return VQKD.from_official(source), None
+        return VQKD.from_official(source), None, {}, {}
     sizes = {"n_codes": cfg.n_codes} if cfg.n_codes else {}
     base = vqkd_preset(cfg.preset, image_size=cfg.image_size, **sizes)
-    teacher = build_teacher(cfg.teacher, base.grid, base.patch_size, cfg.teacher_checkpoint,
-                            cfg.teacher_input_size, cfg.teacher_norm_stats())
-    return VQKD(dataclasses.replace(base, out_dim=teacher.dim)), teacher
+    files, metrics = {}, {}
+    if cfg.teacher == "corpus_clip":
+        from pipelines.visual_tokenizer.corpus_teacher import train_corpus_teacher
+
+        teacher, files, metrics = train_corpus_teacher(cfg, parts, text_tokenizer_dir, base.grid,
+                                                       base.patch_size, device)
+    else:
+        teacher = build_teacher(cfg.teacher, base.grid, base.patch_size, cfg.teacher_checkpoint,
+                                cfg.teacher_input_size, cfg.teacher_norm_stats())
+    return VQKD(dataclasses.replace(base, out_dim=teacher.dim)), teacher, files, metrics
 
 
 def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tuple[torch.Tensor, int]:
