@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import time
 
 import torch
 
@@ -22,8 +23,6 @@ TEACHER_FILES = ("teacher.safetensors", "teacher.json")
 def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, grid: int,
                          patch_size: int, device) -> tuple:
     """-> (frozen teacher (model/vqkd/teachers.py API), files for out_dir, metrics)."""
-    import time
-
     from safetensors.torch import save
 
     from model.text_tokenizer import TextTokenizer
