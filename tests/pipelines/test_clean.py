@@ -23,7 +23,7 @@ from pipelines.common.configs import ParamsError, build
 from pipelines.common.ray_session import RayConfig
 from tests.conftest import PROJECT_ROOT
 from tests.pipelines.dedup_reference import PhashIndex, find_duplicates
-from tests.pipelines.test_sources import write_lines, write_tar
+from tests.pipelines.source_fixtures import write_lines, write_tar
 from tests.project import copy_project, run, update_params
 
 TEXT = TextFilterConfig()
@@ -256,7 +256,7 @@ def test_clean_counts_img2dataset_and_compressed_sources_and_fails_on_an_empty_o
     source that yields no row at all (here: no file of its format) fails the stage by name."""
     import gzip
 
-    from tests.pipelines.test_sources import img2dataset_parquet, zst
+    from tests.pipelines.source_fixtures import img2dataset_parquet, zst
 
     root = tmp_path / "in"
     (root / "laion").mkdir(parents=True)

@@ -21,8 +21,8 @@ from PIL import Image
 from pipelines.clean import CleanConfig, clean_sources
 from pipelines.clean.sources import SourceConfig
 from pipelines.common.ray_session import RayConfig
+from tests.pipelines.source_fixtures import write_tar
 from tests.pipelines.test_clean import read_kind
-from tests.pipelines.test_sources import write_tar
 
 BIG_LINE = 3 << 20  # a multi-megabyte line (> max_line_bytes)
 
