@@ -162,12 +162,11 @@ def build_tokenizer(cfg: VisualTokenizerConfig, parts: list[str],
         targets = precompute_targets(teacher.to(device), train.to(device)) if cached else None
         history = train_vqkd(model, teacher, shuffled_batches(train, cfg.batch_size, cfg.seed, targets),
                              train_cfg, on_step=progress(cfg.steps))
-        tail = history[-min(20, len(history)):]
         metrics.update(
             num_train_images=len(train), steps=cfg.steps, teacher=cfg.teacher, teacher_cached=cached,
             train_seconds=round(time.perf_counter() - t0, 2),
             train_cpu_seconds=round(time.process_time() - cpu0, 2),
-            final_rec_loss=round(sum(h["rec_loss"] for h in tail) / len(tail), 4))
+            final_rec_loss=tail_mean(history, "rec_loss"))
     metrics.update(evaluate_codes(model, holdout, cfg))
     return {**teacher_files, **model.serialize()}, [_rounded(h) for h in history], metrics
 
@@ -209,10 +208,6 @@ def _model_and_teacher(cfg: VisualTokenizerConfig, parts: list[str], text_tokeni
 def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tuple[torch.Tensor, int]:
     """Unique (by id) images of every part, seeded shuffle, first ``limit`` ->
     (uint8 (M, 3, S, S) preprocessed as the tokenizer sees them, number undecodable)."""
-    from PIL import Image
-
-    from model.images import preprocess
-
     ids = sorted({i for path in parts for i in storage.read_parquet(path, ["id"]).column("id").to_pylist()})
     random.Random(seed).shuffle(ids)
     wanted = set(ids[:limit])  # keep only the chosen images' bytes in memory: corpora can be large
@@ -224,13 +219,11 @@ def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tup
                 rows.setdefault(id_, data)
     out, bad = [], len(wanted) - len(rows)  # null image bytes count as undecodable
     for id_ in (i for i in ids[:limit] if i in rows):
-        try:
-            with Image.open(io.BytesIO(rows[id_])) as img:
-                x = preprocess(img, image_size)
-        except (OSError, ValueError):
+        x = decode_uint8(rows[id_], image_size)
+        if x is None:
             bad += 1  # the clean stage verified every image; count rather than hide any
             continue
-        out.append(x.mul(255).round().to(torch.uint8))  # exact: preprocess gives k / 255
+        out.append(x)
     if not out:
         raise ValueError(f"visual_tokenizer: no decodable images in {len(parts)} parquet part(s)")
     return torch.stack(out), bad
@@ -240,18 +233,44 @@ def shuffled_batches(images: torch.Tensor, batch_size: int, seed: int, targets=N
     """Endless epochs of seeded-shuffled batches of uint8 (M, 3, S, S) images as float
     (B, 3, S, S) in [0, 1]; with ``targets`` = (targets (M, N, D), weights (M, N) | None)
     from precompute_targets, tuples (images, targets, weights) of the same rows."""
+    for rows in shuffled_rows(len(images), batch_size, seed):
+        rows = rows.to(images.device)
+        x = images[rows].float().div(255)
+        if targets is None:
+            yield x
+        else:
+            t, w = targets
+            yield x, t[rows], (None if w is None else w[rows])
+
+
+def shuffled_rows(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless epochs of a seeded shuffle of range(n), as row indices of min(batch_size, n);
+    an epoch's last partial batch is dropped."""
     g = torch.Generator().manual_seed(seed)
-    bs = min(batch_size, len(images))
+    bs = min(batch_size, n)
     while True:
-        perm = torch.randperm(len(images), generator=g)
-        for i in range(0, len(perm) - bs + 1, bs):
-            rows = perm[i:i + bs].to(images.device)
-            x = images[rows].float().div(255)
-            if targets is None:
-                yield x
-            else:
-                t, w = targets
-                yield x, t[rows], (None if w is None else w[rows])
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - bs + 1, bs):
+            yield perm[i:i + bs]
+
+
+def decode_uint8(data: bytes, image_size: int) -> torch.Tensor | None:
+    """Image bytes -> uint8 (3, S, S) as the tokenizer sees them; None if undecodable."""
+    from PIL import Image
+
+    from model.images import preprocess
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return preprocess(img, image_size).mul(255).round().to(torch.uint8)  # exact: preprocess gives k / 255
+    except (OSError, ValueError):
+        return None
+
+
+def tail_mean(history: list[dict], key: str, last: int = 20) -> float:
+    """Mean of ``key`` over the last ``last`` logged steps, rounded for the metrics."""
+    tail = history[-min(last, len(history)):]
+    return round(sum(h[key] for h in tail) / len(tail), 4)
 
 
 def evaluate_codes(model, holdout: torch.Tensor, cfg: VisualTokenizerConfig) -> dict:

@@ -8,7 +8,6 @@ The teacher's image tower is written beside the tokenizer (``teacher.safetensors
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 import time
@@ -28,7 +27,7 @@ def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, 
     from model.text_tokenizer import TextTokenizer
     from model.vqkd.corpus_clip import CaptionTower, ConvImageTower, CorpusClip, train_corpus_clip
     from model.vqkd.teachers import FrozenViTTeacher
-    from pipelines.visual_tokenizer import progress
+    from pipelines.visual_tokenizer import progress, tail_mean
 
     if not text_tokenizer_dir:
         raise ValueError("visual_tokenizer.teacher corpus_clip needs the text tokenizer (captions)")
@@ -43,9 +42,8 @@ def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, 
     started = time.perf_counter()
     history = train_corpus_clip(model, pair_batches(images, ids, tcfg.batch_size, cfg.seed, mean, std, device),
                                 tcfg, on_step=progress(tcfg.steps, "visual_tokenizer corpus_clip"))
-    tail = history[-min(20, len(history)):]
     metrics = {"corpus_clip_pairs": len(images), "corpus_clip_seconds": round(time.perf_counter() - started, 2),
-               "corpus_clip_final_loss": round(sum(h["loss"] for h in tail) / len(tail), 4)}
+               "corpus_clip_final_loss": tail_mean(history, "loss")}
     teacher = FrozenViTTeacher(image.eval(), tcfg.width, grid, cfg.image_size, mean, std)
     config = {"kind": "corpus_clip", "patch_size": patch_size, "width": tcfg.width, "image_size": cfg.image_size,
               "mean": list(mean), "std": list(std)}
@@ -57,9 +55,7 @@ def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, 
 def read_pairs(parts: list[str], image_size: int, seed: int, limit: int, tokenizer, max_tokens: int):
     """Unique (by id) pairs of the ``pair`` parts, seeded shuffle, first ``limit`` ->
     (uint8 images (M, 3, S, S), caption ids (M, max_tokens) padded with the pad id)."""
-    from PIL import Image
-
-    from model.images import preprocess
+    from pipelines.visual_tokenizer import decode_uint8
 
     rows = {}
     for path in (p for p in parts if "/pair/" in p.replace("\\", "/")):
@@ -72,11 +68,10 @@ def read_pairs(parts: list[str], image_size: int, seed: int, limit: int, tokeniz
     images, captions = [], []
     for id_ in order[:limit]:
         data, caption = rows[id_]
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                images.append(preprocess(img, image_size).mul(255).round().to(torch.uint8))
-        except (OSError, ValueError):
+        x = decode_uint8(data, image_size)
+        if x is None:
             continue  # counted by the tokenizer's own image read (undecodable_images)
+        images.append(x)
         captions.append(tokenizer.encode(caption, max_tokens))
     if len(images) < 2:
         raise ValueError("visual_tokenizer.teacher corpus_clip: needs at least 2 image-caption pairs "
@@ -89,16 +84,13 @@ def read_pairs(parts: list[str], image_size: int, seed: int, limit: int, tokeniz
 
 def pair_batches(images: torch.Tensor, ids: torch.Tensor, batch_size: int, seed: int, mean, std, device):
     """Endless seeded-shuffled batches: (normalised float images (B, 3, S, S), ids (B, L))."""
-    g = torch.Generator().manual_seed(seed)
-    bs = min(batch_size, len(images))
+    from pipelines.visual_tokenizer import shuffled_rows
+
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    while True:
-        perm = torch.randperm(len(images), generator=g)
-        for i in range(0, len(perm) - bs + 1, bs):
-            rows = perm[i:i + bs]
-            x = images[rows].to(device).float().div(255)
-            yield (x - mean) / std, ids[rows].to(device)
+    for rows in shuffled_rows(len(images), batch_size, seed):
+        x = images[rows].to(device).float().div(255)
+        yield (x - mean) / std, ids[rows].to(device)
 
 
 def _openai_clip():
