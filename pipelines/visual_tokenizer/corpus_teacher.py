@@ -16,8 +16,6 @@ import torch
 
 from pipelines.common import storage
 
-TEACHER_FILES = ("teacher.safetensors", "teacher.json")
-
 
 def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, grid: int,
                          patch_size: int, device) -> tuple:
@@ -58,7 +56,7 @@ def read_pairs(parts: list[str], image_size: int, seed: int, limit: int, tokeniz
     from pipelines.visual_tokenizer import decode_uint8
 
     rows = {}
-    for path in (p for p in parts if "/pair/" in p.replace("\\", "/")):
+    for path in (p for p in parts if p.replace("\\", "/").rsplit("/", 2)[-2] == "pair"):  # clean_dir/pair/*
         table = storage.read_parquet(path, columns=["id", "image", "caption"])
         for id_, data, caption in zip(*(table.column(c).to_pylist() for c in ("id", "image", "caption"))):
             if data is not None and caption:
@@ -99,4 +97,4 @@ def _openai_clip():
     return norm_stats("openai_clip")
 
 
-__all__ = ["train_corpus_teacher", "read_pairs", "pair_batches", "TEACHER_FILES"]
+__all__ = ["train_corpus_teacher", "read_pairs", "pair_batches"]

@@ -106,7 +106,8 @@ def write_caption_tokenizer(root, clean: str) -> str:
 
 
 def test_corpus_clip_teacher_trains_on_the_pairs_and_is_versioned(tmp_path, ray_local):
-    clean = write_clean_images(tmp_path / "clean", n_images=8, n_pairs=40)
+    # a clean folder under a folder named "pair": only clean's own pair/ parts hold captions
+    clean = write_clean_images(tmp_path / "pair" / "clean", n_images=8, n_pairs=40)
     tokenizer = write_caption_tokenizer(tmp_path / "tok", clean)
     cfg = build(VisualTokenizerConfig, {
         "out_dir": str(tmp_path / "vt"), "teacher": "corpus_clip", "steps": 12, "warmup_steps": 4,
