@@ -57,7 +57,7 @@ class DemoDataConfig:
     num_retrieval_train: int = 1000
     num_retrieval_test: int = 500
     num_probe_train: int = 600        # single-object scenes, label = shape
-    num_probe_val: int = 300
+    num_probe_val: int = 900
     pairs_per_tar: int = 1000
     text_docs_per_file: int = 5000
     jpeg_quality: int = 90
