@@ -10,7 +10,7 @@ scenes (pipelines.demo_data.scenes) and the Python standard library's docstrings
     pairs/NNNNN.tar                           WebDataset, img2dataset layout:
                                               <key>.jpg, <key>.txt, <key>.json
     eval/retrieval/dataset.json + images/     Karpathy-split format, with labels
-    eval/classification/{train,val}/<shape>/<key>.png   ImageFolder
+    eval/classification/{train,val}/<class>/<key>.png   ImageFolder (class: probe_label's value)
     manifest.json                             every file's sha256 and the counts
 
 Each output draws from its own RNG stream (seeded by cfg.seed and the stream's
@@ -38,12 +38,13 @@ from PIL import Image
 
 from pipelines.common import storage
 from pipelines.common.configs import check
-from pipelines.demo_data.scenes import SHAPES, render_scene
+from pipelines.demo_data.scenes import COLORS, SHAPES, SIZES, render_scene
 from pipelines.demo_data.text import stdlib_docs
 
 IMAGES_PER_FOLDER = 100
 MANIFEST = "manifest.json"
 _TAR_MTIME = 0  # fixed member headers: no clock, user or group leaks into the tar bytes
+PROBE_CLASSES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES)}
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ class DemoDataConfig:
     max_text_docs: int = 20000        # cap; above the stdlib's count, so the demo keeps them all
     num_retrieval_train: int = 1000
     num_retrieval_test: int = 500
-    num_probe_train: int = 600        # single-object scenes, label = shape
+    num_probe_train: int = 600        # single-object scenes, class = the object's probe_label
     num_probe_val: int = 900
+    probe_label: str = "color"        # color | shape | size
     pairs_per_tar: int = 1000
     text_docs_per_file: int = 5000
     jpeg_quality: int = 90
@@ -72,6 +74,8 @@ class DemoDataConfig:
               f"demo_data.pairs_per_tar must be 1-10000, got {self.pairs_per_tar}")
         check(self.text_docs_per_file >= 1,
               f"demo_data.text_docs_per_file must be >= 1, got {self.text_docs_per_file}")
+        check(self.probe_label in PROBE_CLASSES,
+              f"demo_data.probe_label must be one of {list(PROBE_CLASSES)}, got {self.probe_label!r}")
         check(1 <= self.jpeg_quality <= 95,
               f"demo_data.jpeg_quality must be 1-95, got {self.jpeg_quality}")
 
@@ -222,21 +226,24 @@ def caption_tokens(caption: str) -> list[str]:
 
 
 def _write_probe(cfg: DemoDataConfig, writer: _Writer, scenes: _Scenes) -> dict:
-    """ImageFolder of single-object scenes (label = shape) plus labels.json with full labels."""
+    """ImageFolder of single-object scenes (class = the object's cfg.probe_label) plus
+    labels.json with every label of each image (so any other label can be probed too)."""
     rng = stream(cfg.seed, "probe")
+    classes = PROBE_CLASSES[cfg.probe_label]
     all_labels, counts = {}, {}
     for split, n in (("train", cfg.num_probe_train), ("val", cfg.num_probe_val)):
-        counts[split] = dict.fromkeys(SHAPES, 0)
+        counts[split] = dict.fromkeys(classes, 0)
         for i in range(n):
             image, labels, _ = scenes.draw(rng, num_objects=1)
-            rel = f"{split}/{labels['shape']}/probe-{split}-{i:06d}.png"
+            label = labels[cfg.probe_label]
+            rel = f"{split}/{label}/probe-{split}-{i:06d}.png"
             writer.write(f"eval/classification/{rel}", encode_image(image, "png"))
             all_labels[rel] = labels
-            counts[split][labels["shape"]] += 1
+            counts[split][label] += 1
     writer.write("eval/classification/labels.json",
-                 _json_bytes({"classes": list(SHAPES), "images": all_labels}))
+                 _json_bytes({"classes": list(classes), "label": cfg.probe_label, "images": all_labels}))
     return {"probe_train": cfg.num_probe_train, "probe_val": cfg.num_probe_val,
-            "probe_class_counts": counts}
+            "probe_label": cfg.probe_label, "probe_class_counts": counts}
 
 
 def _write_text(cfg: DemoDataConfig, writer: _Writer) -> dict:

@@ -5,7 +5,7 @@ Inputs: every cleaned image (``clean_dir/image/*.parquet`` and
 shuffled with ``seed``; the first ``holdout`` images are held out of training
 and measure the codebook (utilisation = fraction of codes used, perplexity).
 If ``probe_dir`` holds an ImageFolder (``train``/``val`` splits, e.g. the demo's
-shape classes), a linear probe on per-image code histograms shows whether the
+colour classes), a linear probe on per-image code histograms shows whether the
 codes carry image content.
 
 Teacher ``corpus_clip`` first trains a small CLIP on the cleaned image-caption pairs

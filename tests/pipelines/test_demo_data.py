@@ -157,8 +157,10 @@ def test_retrieval_split_is_karpathy_format_with_labels(corpus):
         assert e["sentences"][0]["tokens"] == re.findall(r"[a-z]+", raw)
 
 
-def test_classification_is_an_image_folder_labelled_by_shape(corpus):
-    out, metrics = corpus
+@pytest.mark.parametrize("label", ["color", "shape"])
+def test_classification_is_an_image_folder_labelled_by_probe_label(tmp_path, label):
+    out = tmp_path / label
+    metrics = generate_demo_data(tiny(out, probe_label=label, num_pairs=0, num_images=0, max_text_docs=1))
     root = os.path.join(out, "eval/classification")
     with open(os.path.join(root, "labels.json")) as f:
         labels = json.load(f)["images"]
@@ -166,10 +168,16 @@ def test_classification_is_an_image_folder_labelled_by_shape(corpus):
                            for d, _, names in os.walk(os.path.join(root, split)) for n in names)
              for split in ("train", "val")}
     assert len(found["train"]) == 6 and len(found["val"]) == 3
+    classes = {"color": COLORS, "shape": SHAPES}[label]
     for rel in found["train"] + found["val"]:
-        shape = rel.split("/")[1]
-        assert shape in SHAPES and labels[rel]["shape"] == shape and labels[rel]["num_objects"] == 1
-    assert sum(metrics["probe_class_counts"]["train"].values()) == 6
+        name = rel.split("/")[1]
+        assert name in classes and labels[rel][label] == name and labels[rel]["num_objects"] == 1
+    assert sum(metrics["probe_class_counts"]["train"].values()) == 6 and metrics["probe_label"] == label
+
+
+def test_an_unknown_probe_label_fails_naming_it(tmp_path):
+    with pytest.raises(ParamsError, match="probe_label.*'texture'"):
+        tiny(tmp_path, probe_label="texture")
 
 
 def test_text_is_stdlib_docstrings(corpus):
