@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from model.vqkd.corpus_clip import CorpusClipTrainConfig
@@ -208,18 +210,10 @@ def _model_and_teacher(cfg: VisualTokenizerConfig, parts: list[str], text_tokeni
 def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tuple[torch.Tensor, int]:
     """Unique (by id) images of every part, seeded shuffle, first ``limit`` ->
     (uint8 (M, 3, S, S) preprocessed as the tokenizer sees them, number undecodable)."""
-    ids = sorted({i for path in parts for i in storage.read_parquet(path, ["id"]).column("id").to_pylist()})
-    random.Random(seed).shuffle(ids)
-    wanted = set(ids[:limit])  # keep only the chosen images' bytes in memory: corpora can be large
-    rows = {}
-    for path in parts:
-        table = storage.read_parquet(path, columns=["id", "image"])
-        for id_, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
-            if id_ in wanted and data is not None:
-                rows.setdefault(id_, data)
-    out, bad = [], len(wanted) - len(rows)  # null image bytes count as undecodable
-    for id_ in (i for i in ids[:limit] if i in rows):
-        x = decode_uint8(rows[id_], image_size)
+    chosen, rows = chosen_rows(parts, seed, limit, ("image",))
+    out, bad = [], len(chosen) - len(rows)  # null image bytes count as undecodable
+    for id_ in (i for i in chosen if i in rows):
+        x = decode_uint8(rows[id_][0], image_size)
         if x is None:
             bad += 1  # the clean stage verified every image; count rather than hide any
             continue
@@ -227,6 +221,43 @@ def read_images(parts: list[str], image_size: int, seed: int, limit: int) -> tup
     if not out:
         raise ValueError(f"visual_tokenizer: no decodable images in {len(parts)} parquet part(s)")
     return torch.stack(out), bad
+
+
+def chosen_rows(parts: list[str], seed: int, limit: int, columns: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> tuple[list, dict]:
+    """The unique ids of the parts' rows whose ``required`` columns are set, seeded shuffle, first
+    ``limit`` -> (those ids in order, {id: tuple of ``columns``} for the chosen ids whose
+    ``columns`` are all set, first occurrence). Set: not null, and a string not empty.
+
+    Two passes, so that only the chosen rows' values (image bytes) are ever held: corpora can be large."""
+    ids = set()
+    for path in parts:
+        table = storage.read_parquet(path, ["id", *required])
+        ids.update(_where_set(table, required).column("id").to_pylist())
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    chosen = order[:limit]
+    rows, wanted = {}, None
+    for path in parts:
+        table = storage.read_parquet(path, ["id", *columns])
+        if wanted is None or wanted.type != table.schema.field("id").type:
+            wanted = pa.array(chosen, type=table.schema.field("id").type)
+        table = _where_set(table.filter(pc.is_in(table.column("id"), value_set=wanted)), columns)
+        for id_, *values in zip(*(table.column(c).to_pylist() for c in ("id", *columns))):
+            rows.setdefault(id_, tuple(values))
+    return chosen, rows
+
+
+def _where_set(table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
+    """The rows of ``table`` whose ``columns`` are all set (not null; strings not empty)."""
+    mask = None
+    for name in columns:
+        column = table.column(name)
+        ok = pc.is_valid(column)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            ok = pc.and_(ok, pc.greater(pc.utf8_length(column), 0))
+        mask = ok if mask is None else pc.and_(mask, ok)
+    return table if mask is None else table.filter(mask)
 
 
 def shuffled_batches(images: torch.Tensor, batch_size: int, seed: int, targets=None) -> Iterator:

@@ -9,12 +9,9 @@ The teacher's image tower is written beside the tokenizer (``teacher.safetensors
 from __future__ import annotations
 
 import json
-import random
 import time
 
 import torch
-
-from pipelines.common import storage
 
 
 def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, grid: int,
@@ -53,18 +50,13 @@ def train_corpus_teacher(cfg, parts: list[str], text_tokenizer_dir: str | None, 
 def read_pairs(parts: list[str], image_size: int, seed: int, limit: int, tokenizer, max_tokens: int):
     """Unique (by id) pairs of the ``pair`` parts, seeded shuffle, first ``limit`` ->
     (uint8 images (M, 3, S, S), caption ids (M, max_tokens) padded with the pad id)."""
-    from pipelines.visual_tokenizer import decode_uint8
+    from pipelines.visual_tokenizer import chosen_rows, decode_uint8
 
-    rows = {}
-    for path in (p for p in parts if p.replace("\\", "/").rsplit("/", 2)[-2] == "pair"):  # clean_dir/pair/*
-        table = storage.read_parquet(path, columns=["id", "image", "caption"])
-        for id_, data, caption in zip(*(table.column(c).to_pylist() for c in ("id", "image", "caption"))):
-            if data is not None and caption:
-                rows.setdefault(id_, (data, caption))
-    order = sorted(rows)
-    random.Random(seed).shuffle(order)
+    pair_parts = [p for p in parts if p.replace("\\", "/").rsplit("/", 2)[-2] == "pair"]  # clean_dir/pair/*
+    columns = ("image", "caption")
+    chosen, rows = chosen_rows(pair_parts, seed, limit, columns, required=columns)
     images, captions = [], []
-    for id_ in order[:limit]:
+    for id_ in chosen:
         data, caption = rows[id_]
         x = decode_uint8(data, image_size)
         if x is None:
